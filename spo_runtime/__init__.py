@@ -1,0 +1,33 @@
+"""spo_runtime: SDXL + SPO LoRA resident on one device, a vectorised sampler, step-level batching.
+
+    from spo_runtime import load_pipeline, Settings, GenerationRequest
+    pipe = load_pipeline(Settings(model="tiny"))
+    [img] = pipe.generate([GenerationRequest(prompt="a fox", seed=42)])
+"""
+
+from .errors import (
+    AdapterInUseError,
+    AdapterMemoryError,
+    AdapterNotFoundError,
+    CheckpointFormatError,
+    InvalidRequestError,
+    LoraFormatError,
+    ModelLoadError,
+    NonFiniteError,
+    SpoError,
+)
+from .models import SpoPipeline, __version__, load_pipeline, save_tiny
+from .requests import GeneratedImage, GenerationRequest
+from .settings import Settings
+
+
+def generate(pipe: SpoPipeline, requests) -> list[GeneratedImage]:
+    """`pipe.generate(requests)`: a list of requests -> their images, in one batched loop."""
+    return pipe.generate(requests)
+
+
+__all__ = [
+    "AdapterInUseError", "AdapterMemoryError", "AdapterNotFoundError", "CheckpointFormatError",
+    "GeneratedImage", "GenerationRequest", "InvalidRequestError", "LoraFormatError", "ModelLoadError",
+    "NonFiniteError", "Settings", "SpoError", "SpoPipeline", "__version__", "generate", "load_pipeline", "save_tiny",
+]

@@ -1,0 +1,60 @@
+"""Typed errors of the runtime. Every message names the offending field, key or file."""
+
+from __future__ import annotations
+
+
+class SpoError(Exception):
+    """Base class of every error the runtime raises on purpose."""
+
+
+class InvalidRequestError(SpoError, ValueError):
+    """A request field is out of range or of the wrong type."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class LoraFormatError(SpoError, ValueError):
+    """A LoRA file is not structurally whole, or is not a safetensors file."""
+
+    def __init__(self, message: str, keys: list[str] | None = None):
+        self.keys = list(keys or [])
+        super().__init__(message)
+
+
+class CheckpointFormatError(SpoError, ValueError):
+    """A model checkpoint (e.g. the preference model) does not match the architecture."""
+
+    def __init__(self, message: str, keys: list[str] | None = None):
+        self.keys = list(keys or [])
+        super().__init__(message)
+
+
+class AdapterNotFoundError(SpoError, KeyError):
+    """A request or admin call names an adapter that is not loaded."""
+
+    def __init__(self, name: str, loaded: list[str]):
+        self.name = name
+        self.loaded = list(loaded)
+        super().__init__(f"adapter: {name!r} is not loaded (loaded: {', '.join(self.loaded) or 'none'})")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+class AdapterMemoryError(SpoError):
+    """Loading an adapter would exceed the configured adapter memory cap."""
+
+
+class AdapterInUseError(SpoError):
+    """An adapter cannot be unloaded while requests use it."""
+
+
+class NonFiniteError(SpoError, FloatingPointError):
+    """A latent or decoded image holds NaN or Inf (never returned as a black image)."""
+
+
+class ModelLoadError(SpoError):
+    """The model or one of its sources could not be loaded."""

@@ -1,0 +1,273 @@
+"""LoRA at run time: named adapters, per-sample scales inside one UNet forward, a fused fast path.
+
+Every targeted nn.Linear / nn.Conv2d is wrapped once (`LoraLinear`, `LoraConv2d`, original kept as
+`.base_layer`). Before each UNet call the pipeline sets, on the shared `LoraContext`, one scale per
+batch row for each adapter whose rows need its branch. A wrapped layer computes
+
+    y = base(x) + sum_a  s_a[row] * (alpha_a / r_a) * up_a(down_a(x))
+
+One adapter may be fused into the base weights at a scale s_f: rows at s_f then cost no LoRA
+compute, and other rows run only the residual s_i - s_f. Fusing always starts from a pristine copy
+of the base weight, so re-fusing at another scale accumulates no rounding.
+
+We wrap layers ourselves instead of using peft: peft's layers take one scale per adapter for the
+whole batch and skip the LoRA branch entirely once merged, so they cannot express per-row scales
+over several adapters on top of a fused base.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, LoraFormatError
+from .lora_format import LoraFile, LoraModuleWeights, module_specs, read_lora_file
+
+
+class LoraContext:
+    """Per-forward scales shared by every wrapped layer: {adapter: (B,) residual scale}."""
+
+    def __init__(self) -> None:
+        self.terms: dict[str, torch.Tensor] = {}
+
+
+def _row_view(s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    if s.shape[0] != h.shape[0]:
+        raise RuntimeError(f"LoRA scales hold {s.shape[0]} rows but the layer input has {h.shape[0]}")
+    return s.view(-1, *([1] * (h.dim() - 1)))  # [B,1,1] for linear tokens, [B,1,1,1] for convs
+
+
+class _LoraLayer(nn.Module):
+    def __init__(self, base: nn.Module, ctx: LoraContext):
+        super().__init__()
+        self.base_layer = base
+        object.__setattr__(self, "ctx", ctx)  # shared, not a submodule
+        # adapter -> (down, up * alpha / r); plain tensors: never part of the UNet's state_dict
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pristine: torch.Tensor | None = None  # base weight before fusing
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The adapter's weight update at scale 1, in float32, shaped like the base weight."""
+        down, up = self.adapters[name]
+        d = up.float().flatten(1) @ down.float().flatten(1)
+        return d.view_as(self.base_layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        for name, s in self.ctx.terms.items():
+            w = self.adapters.get(name)
+            if w is not None:
+                h = self.branch(x, *w)
+                out = out + h * _row_view(s, h)
+        return out
+
+
+class LoraLinear(_LoraLayer):
+    def branch(self, x, down, up):
+        return F.linear(F.linear(x, down), up)
+
+
+class LoraConv2d(_LoraLayer):
+    def branch(self, x, down, up):
+        b = self.base_layer
+        return F.conv2d(F.conv2d(x, down, None, b.stride, b.padding, b.dilation, b.groups), up)
+
+
+@dataclass
+class Adapter:
+    """A loaded adapter: where it came from and what it costs."""
+
+    name: str
+    layout: str
+    rank: int
+    targets: list[str]
+    modules: list[str]
+    nbytes: int
+    sha256: str
+    source: str  # file path, or a description for built-in adapters
+    loaded_at: float = field(default_factory=time.time)
+
+    def info(self, show_source: bool = True) -> dict:
+        return {
+            "name": self.name,
+            "layout": self.layout,
+            "rank": self.rank,
+            "targets": self.targets,
+            "layers": len(self.modules),
+            "memory_bytes": self.nbytes,
+            "sha256": self.sha256,
+            **({"source": self.source} if show_source else {}),
+        }
+
+
+class LoraRegistry:
+    """The adapters loaded into one UNet, the fused one, and the per-row scales of the next forward."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        memory_limit_bytes: int | None = None,
+        pristine_device: torch.device | str = "cpu",
+    ):
+        self.unet = unet
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.memory_limit_bytes = memory_limit_bytes
+        self.pristine_device = torch.device(pristine_device)
+        self.ctx = LoraContext()
+        self.adapters: dict[str, Adapter] = {}
+        self.fused: tuple[str, float] | None = None
+        self.lock = threading.RLock()  # loads/unloads vs. the step loop
+        self._layers: dict[str, _LoraLayer] = {}
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def specs(self):
+        return module_specs(self.unet)
+
+    def read(self, path: str | Path) -> LoraFile:
+        return read_lora_file(path, self.specs())
+
+    def load(self, name: str, lora: LoraFile, source: str | None = None, replace: bool = False) -> Adapter:
+        """Load `lora` as adapter `name`; refused if the name is taken (unless replace) or over the cap."""
+        with self.lock:
+            if name in self.adapters and not replace:
+                raise LoraFormatError(f"adapter: {name!r} is already loaded; unload it first")
+            nbytes = sum((m.down.numel() + m.up.numel()) * _itemsize(self.dtype) for m in lora.modules.values())
+            used = sum(a.nbytes for n, a in self.adapters.items() if n != name)
+            if self.memory_limit_bytes is not None and used + nbytes > self.memory_limit_bytes:
+                raise AdapterMemoryError(
+                    f"adapter: loading {name!r} needs {nbytes / 2**20:.1f} MiB; {used / 2**20:.1f} MiB of the "
+                    f"{self.memory_limit_bytes / 2**20:.1f} MiB cap (SPO_ADAPTER_MEMORY_MB) is in use"
+                )
+            if name in self.adapters:
+                self.unload(name)
+            for module, w in lora.modules.items():
+                layer = self._wrap(module)
+                down = w.down.to(self.device, self.dtype)
+                up = (w.up.float() * w.scale).to(self.device, self.dtype)  # fold alpha / r into up
+                layer.adapters[name] = (down, up)
+            adapter = Adapter(
+                name=name,
+                layout=lora.layout,
+                rank=lora.rank,
+                targets=lora.targets,
+                modules=sorted(lora.modules),
+                nbytes=nbytes,
+                sha256=lora.sha256,
+                source=source or (str(lora.path) if lora.path else "built-in"),
+            )
+            self.adapters[name] = adapter
+            return adapter
+
+    def unload(self, name: str) -> None:
+        """Remove adapter `name` and free its tensors (unfusing it first if fused)."""
+        with self.lock:
+            adapter = self.get(name)
+            if self.fused and self.fused[0] == name:
+                self.unfuse()
+            for module in adapter.modules:
+                self._layers[module].adapters.pop(name, None)
+            del self.adapters[name]
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def get(self, name: str) -> Adapter:
+        try:
+            return self.adapters[name]
+        except KeyError:
+            raise AdapterNotFoundError(name, list(self.adapters)) from None
+
+    def module_weights(self, name: str) -> dict[str, LoraModuleWeights]:
+        """Adapter `name` as format-level weights (alpha folded in: alpha = rank)."""
+        out = {}
+        for module in self.get(name).modules:
+            down, up = self._layers[module].adapters[name]
+            out[module] = LoraModuleWeights(module, down.detach().cpu(), up.detach().cpu(), float(down.shape[0]))
+        return out
+
+    def _wrap(self, module: str) -> _LoraLayer:
+        if module in self._layers:
+            return self._layers[module]
+        parent_name, _, child = module.rpartition(".")
+        parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+        base = getattr(parent, child)
+        cls = LoraConv2d if isinstance(base, nn.Conv2d) else LoraLinear
+        layer = cls(base, self.ctx)
+        setattr(parent, child, layer)
+        self._layers[module] = layer
+        return layer
+
+    # -- fusing ------------------------------------------------------------------------------
+
+    def fuse(self, name: str, scale: float) -> float:
+        """Fuse adapter `name` at `scale` (replacing any fused adapter). Returns seconds taken."""
+        t0 = time.perf_counter()
+        with self.lock:
+            adapter = self.get(name)
+            self.unfuse()
+            if scale != 0.0:
+                for module in adapter.modules:
+                    layer = self._layers[module]
+                    w = layer.base_layer.weight
+                    layer.pristine = w.detach().to(self.pristine_device, copy=True)
+                    fused = layer.pristine.to(w.device, torch.float32) + scale * layer.delta(name)
+                    w.data.copy_(fused.to(w.dtype))
+                self.fused = (name, float(scale))
+        return time.perf_counter() - t0
+
+    def unfuse(self) -> None:
+        """Restore every fused layer's pristine weight, bit for bit."""
+        with self.lock:
+            for layer in self._layers.values():
+                if layer.pristine is not None:
+                    layer.base_layer.weight.data.copy_(layer.pristine.to(layer.base_layer.weight.device))
+                    layer.pristine = None
+            self.fused = None
+
+    # -- per-row scales ----------------------------------------------------------------------
+
+    def set_row_scales(self, rows: list[dict[str, float]]) -> None:
+        """Scales of the next forward, one dict per UNet batch row (CFG rows included)."""
+        for row in rows:
+            for name in row:
+                if name not in self.adapters:
+                    raise AdapterNotFoundError(name, list(self.adapters))
+        fused_name, fused_scale = self.fused or (None, 0.0)
+        names = {n for row in rows for n in row} | ({fused_name} if fused_name else set())
+        terms = {}
+        for name in sorted(names):
+            base = fused_scale if name == fused_name else 0.0
+            residual = [row.get(name, 0.0) - base for row in rows]
+            if any(r != 0.0 for r in residual):
+                terms[name] = torch.tensor(residual, dtype=self.dtype, device=self.device)
+        self.ctx.terms = terms
+
+    def clear_row_scales(self) -> None:
+        self.ctx.terms = {}
+
+    def in_use(self, name: str, running: list[dict[str, float]]) -> None:
+        """Raise AdapterInUseError if any running row uses `name`."""
+        n = sum(1 for row in running if row.get(name, 0.0) != 0.0)
+        if n:
+            raise AdapterInUseError(f"adapter: {name!r} is used by {n} running request(s)")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.adapters.values())
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,584 @@
+"""Presets, loading, and the resident pipeline: text encoding (cached), one batched denoising step
+over rows of mixed parameters, and VAE decoding.
+
+`SpoPipeline.generate(requests)` runs a list of requests in one batched loop; the serving engine
+drives the same three pieces (`prepare`, `denoise`, `decode`) at step granularity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import tiny
+from .errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError, NonFiniteError
+from .lora import LoraRegistry
+from .lora_format import LoraFile, LoraModuleWeights, lora_state_dict, save_lora_file
+from .requests import MAX_SEED, GeneratedImage, GenerationRequest, RequestState, Status
+from .sampler import SDXL_SCHEDULER_CONFIG, NoiseSchedule, RowState, initial_noise, make_schedule, model_inputs, step_rows
+from .settings import Settings
+
+log = logging.getLogger("spo_runtime")
+
+__version__ = "0.1.0"
+
+SPO_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SPO_VAE = "madebyollin/sdxl-vae-fp16-fix"
+SPO_LORA_REPO = "SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep_LoRA"
+SPO_LORA_FILE = "spo_sdxl_10ep_4k-data_lora_diffusers.safetensors"
+DEFAULT_ADAPTER = "spo"
+TINY_LORA_WEBUI = "spo_tiny_lora_webui.safetensors"
+TINY_LORA_DIFFUSERS = "spo_tiny_lora_diffusers.safetensors"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    default_size: int
+    size_range: tuple[int, int]
+
+
+PRESETS = {
+    "sdxl-spo": Preset("sdxl-spo", 1024, (256, 2048)),
+    "sdxl-random": Preset("sdxl-random", 1024, (256, 2048)),
+    "tiny": Preset("tiny", 64, (32, 256)),
+}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve(settings: Settings) -> tuple[Preset, torch.device, torch.dtype]:
+    """(preset, device, dtype) from settings: `auto` is sdxl-spo with CUDA, tiny without."""
+    cuda = torch.cuda.is_available()
+    device = torch.device(settings.device or ("cuda" if cuda else "cpu"))
+    if device.type == "cuda" and not cuda:
+        raise ModelLoadError("SPO_DEVICE: CUDA was asked for but torch sees no CUDA device")
+    name = settings.model
+    if name == "auto":
+        name = "sdxl-spo" if cuda else "tiny"
+        log.warning("SPO_MODEL=auto -> %s (%s)", name, "CUDA available" if cuda else "no CUDA device: the CPU demo model")
+    if settings.dtype:
+        dtype = _DTYPES[settings.dtype]
+    elif device.type == "cpu":
+        dtype = torch.float32
+    else:
+        # fp16 with the fp16-fix VAE for real weights; bf16 for random weights (fp32's range).
+        dtype = torch.bfloat16 if name == "sdxl-random" else torch.float16
+    return PRESETS[name], device, dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_pipeline(settings: Settings | None = None) -> SpoPipeline:
+    """Load the preset named by `settings` (default: from SPO_* variables) and keep it resident."""
+    settings = settings or Settings.from_env()
+    preset, device, dtype = resolve(settings)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    t0 = time.perf_counter()
+    if preset.name == "tiny":
+        parts = _load_tiny(settings)
+    elif preset.name == "sdxl-random":
+        parts = _build_random_sdxl(device, dtype)
+    else:
+        parts = _load_sdxl(settings, dtype)
+    pipe = SpoPipeline(parts, settings, preset, device, dtype)
+    log.warning(
+        "loaded %s on %s (%s) in %.1fs; adapters: %s",
+        preset.name, device, str(dtype).removeprefix("torch."), time.perf_counter() - t0, ", ".join(pipe.registry.adapters) or "none",
+    )
+    return pipe
+
+
+def _load_tiny(settings: Settings) -> dict:
+    if settings.base_model:
+        parts = _load_dir(settings.base_model, torch.float32, vae_src=settings.vae)
+    else:
+        parts = tiny.build_components()
+        parts["scheduler_config"] = dict(SDXL_SCHEDULER_CONFIG)
+        parts["force_zeros_for_empty_prompt"] = True
+        parts["sources"] = {"base": {"id": "built-in tiny (seed 0)", "sha256": _params_hash(parts["unet"])}}
+    if settings.lora:
+        parts["lora"] = settings.lora
+    elif settings.base_model and (Path(settings.base_model) / TINY_LORA_DIFFUSERS).exists():
+        parts["lora"] = str(Path(settings.base_model) / TINY_LORA_DIFFUSERS)
+    elif not settings.base_model:
+        parts["lora"] = tiny_lora_file(parts["unet"])
+    return parts
+
+
+def _load_sdxl(settings: Settings, dtype: torch.dtype) -> dict:
+    base = settings.base_model or SPO_BASE
+    # The stock SDXL VAE overflows in fp16: the preset swaps in the fp16-fix VAE unless a local
+    # pipeline is given without SPO_VAE (then its own VAE runs, upcast when its config asks).
+    vae = settings.vae or (None if settings.base_model else SPO_VAE)
+    parts = _load_dir(base, dtype, vae_src=vae)
+    parts["lora"] = settings.lora or _hub_file(SPO_LORA_REPO, SPO_LORA_FILE)
+    return parts
+
+
+def _hub_file(repo: str, filename: str) -> str:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # offline, gated, missing
+        raise ModelLoadError(
+            f"SPO_LORA: could not fetch {repo}/{filename} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "set SPO_LORA to a local .safetensors file"
+        ) from e
+
+
+def _load_dir(src: str, dtype: torch.dtype, vae_src: str | None = None) -> dict:
+    """Components of a diffusers SDXL pipeline directory or hub id."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    local = Path(src).is_dir()
+    variant = "fp16" if (not local and dtype != torch.float32) else None
+    try:
+        kw = dict(torch_dtype=dtype, variant=variant)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
+        te1 = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
+        te2 = CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kw)
+        tok1 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+        tok2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2")
+        if vae_src:
+            vae = AutoencoderKL.from_pretrained(vae_src, torch_dtype=dtype)
+        else:
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
+        scheduler_config = dict(DDIMScheduler.load_config(src, subfolder="scheduler"))
+        index = DiffusionPipeline.load_config(src)  # model_index.json
+    except Exception as e:
+        raise ModelLoadError(f"SPO_BASE_MODEL: could not load an SDXL pipeline from {src!r} ({type(e).__name__}: {e})") from e
+    if dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae = vae.to(torch.float32)  # stock SDXL VAE: NaN in fp16
+    sources = {"base": {"id": src, "sha256": _dir_fingerprint(src) if local else None}}
+    if vae_src:
+        sources["vae"] = {"id": vae_src, "sha256": _dir_fingerprint(vae_src) if Path(vae_src).is_dir() else None}
+    return dict(
+        unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+        scheduler_config=scheduler_config, sources=sources,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+    )
+
+
+def _config(name: str) -> dict:
+    return json.loads(resources.files("spo_runtime").joinpath("configs", name).read_text())
+
+
+def _build_random_sdxl(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Full-size SDXL with random weights, initialised on the target device (for timing only)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(_config("unet.json")).to(dtype)
+        vae = AutoencoderKL.from_config(_config("vae.json")).to(dtype)
+        te1 = CLIPTextModel(CLIPTextConfig(**_config("text_encoder.json"))).to(dtype)
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_config("text_encoder_2.json"))).to(dtype)
+    for m in (unet, vae, te1, te2):
+        m.eval().requires_grad_(False)
+    tok1, tok2 = tiny.build_tokenizers()  # ids stay below the 49408-token vocabulary
+    lora = tiny.build_lora_state(unet, seed=seed + 1, rank=64)
+    modules = {m: LoraModuleWeights(m, d, u, a) for m, (d, u, a) in lora.items()}
+    return dict(
+        unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+        scheduler_config=dict(SDXL_SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
+        sources={"base": {"id": f"random SDXL (seed {seed})", "sha256": None}},
+        lora=LoraFile("diffusers", modules, sha256=_lora_bytes_hash(modules)),
+    )
+
+
+def tiny_lora_file(unet: torch.nn.Module) -> LoraFile:
+    """The built-in tiny LoRA; its sha256 is that of the diffusers-layout file save-tiny writes."""
+    modules = {m: LoraModuleWeights(m, d, u, a) for m, (d, u, a) in tiny.build_lora_state(unet).items()}
+    return LoraFile("diffusers", modules, sha256=_lora_bytes_hash(modules))
+
+
+def _lora_bytes_hash(modules: dict[str, LoraModuleWeights]) -> str:
+    from safetensors.torch import save
+
+    return hashlib.sha256(save(lora_state_dict(modules, "diffusers"))).hexdigest()
+
+
+def _params_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dir_fingerprint(path: str) -> str:
+    """sha256 over every file's relative path and size, and the bytes of its small (config) files.
+
+    Hashing multi-GB weights at every start would cost seconds; names, sizes and configs identify
+    a snapshot well enough to tell two deployments apart.
+    """
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        if size < 1 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The resident pipeline
+
+
+@dataclass
+class _Embedding:
+    hidden: torch.Tensor  # (1, 77, D1 + D2)
+    pooled: torch.Tensor  # (1, P)
+    truncated: bool
+
+
+@dataclass
+class StepStats:
+    """What one `denoise` call did (for metrics and tests)."""
+
+    rows: int
+    unet_rows: int
+    seconds: float
+    adapters: list[str] = field(default_factory=list)
+
+
+class SpoPipeline:
+    """SDXL + LoRA resident on one device. Not thread-safe: one loop drives it."""
+
+    def __init__(self, parts: dict, settings: Settings, preset: Preset, device: torch.device, dtype: torch.dtype):
+        self.settings = settings
+        self.preset = preset
+        self.device = device
+        self.dtype = dtype
+        self.unet = _place(parts["unet"], device, dtype)
+        vae = parts["vae"]
+        vae_dtype = torch.float32 if vae.dtype == torch.float32 and dtype == torch.float16 else dtype
+        self.vae = _place(vae, device, vae_dtype)
+        self.text_encoders = [_place(parts["text_encoder"], device, dtype), _place(parts["text_encoder_2"], device, dtype)]
+        self.tokenizers = [parts["tokenizer"], parts["tokenizer_2"]]
+        self.noise = NoiseSchedule.from_config(parts["scheduler_config"])
+        self.force_zeros_for_empty_prompt = parts.get("force_zeros_for_empty_prompt", True)
+        self.sources = parts.get("sources", {})
+        self.latent_channels = self.unet.config.in_channels
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._set_attention(settings.attention)
+        cap = int(settings.adapter_memory_mb * 2**20) if settings.adapter_memory_mb else None
+        self.registry = LoraRegistry(self.unet, device, dtype, memory_limit_bytes=cap)
+        self.default_lora_scale = float(settings.lora_scale)
+        self.default_adapter: str | None = None
+        self._cache: OrderedDict[str, _Embedding] = OrderedDict()
+        self.last_step: StepStats | None = None
+        if parts.get("lora") is not None:
+            self.load_adapter(DEFAULT_ADAPTER, parts["lora"])
+            self.default_adapter = DEFAULT_ADAPTER
+            if settings.lora_fuse:
+                self.registry.fuse(DEFAULT_ADAPTER, self.default_lora_scale)
+
+    def _set_attention(self, backend: str) -> None:
+        if backend == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ModelLoadError(
+                    "SPO_ATTENTION=xformers: the xformers package is not installed (pip install 'spo-serve[xformers]'), "
+                    "or set SPO_ATTENTION=sdpa"
+                ) from None
+            self.unet.enable_xformers_memory_efficient_attention()
+            self.vae.enable_xformers_memory_efficient_attention()
+        # sdpa: diffusers' default attention processor (torch scaled_dot_product_attention)
+        self.attention = backend
+
+    # -- adapters and scale ------------------------------------------------------------------
+
+    def load_adapter(self, name: str, source: str | Path | LoraFile, replace: bool = False):
+        """Load a LoRA file (diffusers or webui layout, safetensors) or a parsed LoraFile as `name`."""
+        lora = source if isinstance(source, LoraFile) else self.registry.read(source)
+        return self.registry.load(name, lora, source=None if isinstance(source, LoraFile) else str(source), replace=replace)
+
+    def unload_adapter(self, name: str) -> None:
+        self.registry.unload(name)
+        if self.default_adapter == name:
+            self.default_adapter = None
+
+    def set_default_adapter(self, name: str | None) -> None:
+        if name is not None:
+            self.registry.get(name)
+        self.default_adapter = name
+
+    def set_default_lora_scale(self, scale: float) -> dict:
+        """Hot-swap the default scale: applies to requests prepared after the call; no weight is touched."""
+        t0 = time.perf_counter()
+        scale = GenerationRequest.parse({"prompt": "x", "lora_scale": scale}).lora_scale
+        previous, self.default_lora_scale = self.default_lora_scale, float(scale)
+        return {"previous": previous, "scale": self.default_lora_scale, "swap_ms": (time.perf_counter() - t0) * 1e3}
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def parse(self, request: GenerationRequest | dict) -> GenerationRequest:
+        return GenerationRequest.parse(request, size_range=self.preset.size_range)
+
+    def prepare(self, requests: list[GenerationRequest | dict]) -> list[RequestState]:
+        """Validate, resolve defaults (seed, size, adapter, scale), encode prompts (one batched call
+        for the uncached ones) and draw each request's initial noise from its own generator."""
+        states = []
+        for raw in requests:
+            req = self.parse(raw)
+            adapter = req.adapter if req.adapter is not None else self.default_adapter
+            if adapter is not None and adapter not in self.registry.adapters:
+                raise AdapterNotFoundError(adapter, list(self.registry.adapters))
+            width = req.width or self.preset.default_size
+            height = req.height or self.preset.default_size
+            seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            row = RowState(make_schedule(req.scheduler, req.num_inference_steps, self.noise), generator, eta=req.eta)
+            shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+            latents = initial_noise(generator, shape, self.dtype, self.device) * row.schedule.init_noise_sigma
+            states.append(
+                RequestState(
+                    request=req, seed=seed, width=width, height=height, adapter=adapter,
+                    lora_scale=req.lora_scale if req.lora_scale is not None else self.default_lora_scale,
+                    row=row, latents=latents,
+                )
+            )
+        self.encode(states)
+        return states
+
+    @torch.inference_mode()
+    def encode(self, states: list[RequestState]) -> None:
+        """Attach prompt (and, with CFG, negative) embeddings to each state."""
+        t0 = time.perf_counter()
+        texts = []
+        for s in states:
+            texts.append(s.request.prompt)
+            if s.cfg and not (s.request.negative_prompt is None and self.force_zeros_for_empty_prompt):
+                texts.append(s.request.negative_prompt or "")
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        fresh = dict(zip(missing, self._encode_texts(missing))) if missing else {}
+        for s in states:
+            e = self._lookup(s.request.prompt, fresh)
+            s.prompt_embeds, s.pooled, s.prompt_truncated = e.hidden, e.pooled, e.truncated
+            if s.cfg:
+                if s.request.negative_prompt is None and self.force_zeros_for_empty_prompt:
+                    s.negative_embeds, s.negative_pooled = torch.zeros_like(e.hidden), torch.zeros_like(e.pooled)
+                else:
+                    n = self._lookup(s.request.negative_prompt or "", fresh)
+                    s.negative_embeds, s.negative_pooled = n.hidden, n.pooled
+        ms = (time.perf_counter() - t0) * 1e3
+        for s in states:
+            s.timings["encode_ms"] = ms
+
+    def _lookup(self, text: str, fresh: dict[str, _Embedding]) -> _Embedding:
+        e = fresh.get(text) or self._cache[text]
+        if self.settings.embed_cache_size:
+            self._cache[text] = e
+            self._cache.move_to_end(text)
+            while len(self._cache) > self.settings.embed_cache_size:
+                self._cache.popitem(last=False)
+        return e
+
+    def _encode_texts(self, texts: list[str]) -> list[_Embedding]:
+        """Both CLIP encoders over `texts` in one call each; penultimate hidden states, concatenated,
+        and the second encoder's projected pooled output (as diffusers' SDXL pipeline)."""
+        hidden, truncated, pooled = [], [False] * len(texts), None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            full = tok(texts, padding=False, truncation=False).input_ids
+            truncated = [t or len(f) > tok.model_max_length for t, f in zip(truncated, full)]
+            out = enc(ids.to(self.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+        h = torch.cat(hidden, dim=-1).to(self.dtype)
+        pooled = pooled.to(self.dtype)
+        return [_Embedding(h[i : i + 1], pooled[i : i + 1], truncated[i]) for i in range(len(texts))]
+
+    # -- one step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def denoise(self, states: list[RequestState]) -> StepStats:
+        """One UNet call over `states` (same latent size), each at its own step; advances every row."""
+        t0 = time.perf_counter()
+        rows = [s.row for s in states]
+        x = torch.cat([s.latents for s in states])
+        x_in, t = model_inputs(rows, x)
+        cfg = [i for i, s in enumerate(states) if s.cfg]
+        c = torch.tensor(cfg, dtype=torch.long, device=self.device)
+        # UNet rows: [uncond of the CFG rows] + [cond of every row], as diffusers' cat([uncond, cond])
+        unet_x = torch.cat([x_in.index_select(0, c), x_in])
+        unet_t = torch.cat([t.index_select(0, c), t])
+        enc = torch.cat([states[i].negative_embeds for i in cfg] + [s.prompt_embeds for s in states])
+        pooled = torch.cat([states[i].negative_pooled for i in cfg] + [s.pooled for s in states])
+        time_ids = torch.tensor(
+            [[states[i].height, states[i].width, 0, 0, states[i].height, states[i].width] for i in cfg + list(range(len(states)))],
+            dtype=self.dtype, device=self.device,
+        )
+        self.registry.set_row_scales([states[i].scales for i in cfg] + [s.scales for s in states])
+        try:
+            pred = self.unet(
+                unet_x, unet_t, encoder_hidden_states=enc,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False,
+            )[0]
+        finally:
+            adapters = list(self.registry.ctx.terms)
+            self.registry.clear_row_scales()
+        n = len(cfg)
+        eps = pred[n:]
+        if n:
+            g = torch.tensor([states[i].request.guidance_scale for i in cfg], dtype=pred.dtype, device=self.device).view(-1, 1, 1, 1)
+            uncond, text = pred[:n], eps.index_select(0, c)
+            eps = eps.index_copy(0, c, uncond + g * (text - uncond))
+        x_next, _ = step_rows(rows, x, eps)
+        for i, s in enumerate(states):
+            s.latents = x_next[i : i + 1]
+        stats = StepStats(len(states), int(unet_x.shape[0]), time.perf_counter() - t0, adapters)
+        self.last_step = stats
+        return stats
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, states: list[RequestState]) -> list[GeneratedImage | NonFiniteError]:
+        """VAE-decode finished rows together; a row with NaN/Inf gets a NonFiniteError, not an image."""
+        t0 = time.perf_counter()
+        lat = torch.cat([s.latents for s in states])
+        bad = ~torch.isfinite(lat).flatten(1).all(dim=1)
+        cfg = self.vae.config
+        z = lat.to(self.vae.dtype)
+        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
+            z = z * std / cfg.scaling_factor + mean
+        else:
+            z = z / cfg.scaling_factor
+        img = self.vae.decode(z, return_dict=False)[0]
+        bad |= ~torch.isfinite(img).flatten(1).all(dim=1)
+        # diffusers' VaeImageProcessor.postprocess: [-1, 1] -> [0, 1] -> round(x * 255)
+        arr = (img / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+        arr = (arr * 255).round().astype(np.uint8)
+        ms = (time.perf_counter() - t0) * 1e3
+        out: list[GeneratedImage | NonFiniteError] = []
+        for i, s in enumerate(states):
+            s.timings["decode_ms"] = ms
+            if bool(bad[i]):
+                out.append(NonFiniteError(f"request {i}: the {'latent' if not torch.isfinite(lat[i]).all() else 'decoded image'} holds NaN or Inf (seed {s.seed})"))
+                s.status = Status.FAILED
+                continue
+            s.status = Status.FINISHED
+            sha = self.registry.adapters[s.adapter].sha256 if s.adapter in self.registry.adapters else None
+            out.append(
+                GeneratedImage(
+                    image=Image.fromarray(arr[i]), seed=s.seed, lora_scale=s.lora_scale, adapter=s.adapter,
+                    adapter_sha256=sha, prompt_truncated=s.prompt_truncated, request=s.request, timings=dict(s.timings),
+                )
+            )
+        return out
+
+    # -- the whole loop ----------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest | dict]) -> list[GeneratedImage]:
+        """Run `requests` in one batched loop (one UNet call per step per image size); images in order."""
+        states = self.prepare(requests)
+        results: list[GeneratedImage | None] = [None] * len(states)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(states):
+            groups.setdefault((s.height, s.width), []).append(i)
+        for idx in groups.values():
+            t_start = time.perf_counter()
+            live = list(idx)
+            while live:
+                self.denoise([states[i] for i in live])
+                done = [i for i in live if states[i].row.done]
+                if done:
+                    for i in done:
+                        states[i].timings["denoise_ms"] = (time.perf_counter() - t_start) * 1e3
+                    for i, r in zip(done, self.decode([states[i] for i in done])):
+                        if isinstance(r, Exception):
+                            raise r
+                        results[i] = r
+                    live = [i for i in live if i not in done]
+        return results  # type: ignore[return-value]
+
+    # -- description -------------------------------------------------------------------------
+
+    def info(self, show_paths: bool = False) -> dict:
+        sources = {
+            k: {"sha256": v.get("sha256"), **({"id": v["id"]} if show_paths or not _is_path(v["id"]) else {})}
+            for k, v in self.sources.items()
+        }
+        return {
+            "preset": self.preset.name,
+            "sources": sources,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "attention": self.attention,
+            "default_lora_scale": self.default_lora_scale,
+            "default_adapter": self.default_adapter,
+            "fused": {"adapter": self.registry.fused[0], "scale": self.registry.fused[1]} if self.registry.fused else None,
+            "adapters": [a.info(show_source=show_paths) for a in self.registry.adapters.values()],
+            "default_size": self.preset.default_size,
+            "size_range": list(self.preset.size_range),
+            "version": __version__,
+        }
+
+
+def _place(m: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    p = next(m.parameters())
+    if p.device != device or p.dtype != dtype:
+        m = m.to(device=device, dtype=dtype)
+    return m.eval().requires_grad_(False)
+
+
+def _is_path(s: str) -> bool:
+    return s.startswith(("/", ".", "~")) or Path(s).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# save-tiny
+
+
+def save_tiny(directory: str | Path) -> dict[str, str]:
+    """Write the tiny model as a diffusers SDXL pipeline directory, plus its LoRA in both layouts."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    directory = Path(directory)
+    parts = tiny.build_components()
+    pipe = StableDiffusionXLPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
+        scheduler=DDIMScheduler.from_config(SDXL_SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    lora = tiny_lora_file(parts["unet"])
+    return {
+        "pipeline": str(directory),
+        "webui": save_lora_file(directory / TINY_LORA_WEBUI, lora.modules, "webui"),
+        "diffusers": save_lora_file(directory / TINY_LORA_DIFFUSERS, lora.modules, "diffusers"),
+    }
