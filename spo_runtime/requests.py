@@ -36,7 +36,8 @@ class GenerationRequest(BaseModel):
     `InvalidRequestError` naming the field and the allowed range.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "20" is not a step count, true is not a seed (ints are still accepted for floats)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     prompt: str
     negative_prompt: str | None = None  # None: SDXL's zero negative embedding; "" is encoded

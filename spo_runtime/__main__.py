@@ -1,0 +1,86 @@
+"""Command line: `python -m spo_runtime {generate,info,save-tiny}`. Settings come from SPO_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import SpoError
+
+
+def encode_image(result, fmt: str = "png", quality: int = 95) -> bytes:
+    """Our own encoding of a GeneratedImage; a PNG carries its parameters in a `parameters` text chunk."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    buf = io.BytesIO()
+    if fmt == "png":
+        info = PngInfo()
+        info.add_text("parameters", result.parameters_text())
+        result.image.save(buf, format="PNG", pnginfo=info)
+    elif fmt == "jpeg":
+        result.image.save(buf, format="JPEG", quality=quality)
+    elif fmt == "webp":
+        result.image.save(buf, format="WEBP", quality=quality)
+    else:
+        raise ValueError(f"format: must be one of png, jpeg, webp, got {fmt!r}")
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spo_runtime", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate one image")
+    g.add_argument("prompt")
+    g.add_argument("--negative", default=None, help="negative prompt (absent: SDXL's zero embedding)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--scheduler", default="ddim", help="ddim | euler | dpmpp_2m_karras")
+    g.add_argument("--lora-scale", type=float, default=None)
+    g.add_argument("--adapter", default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("-o", "--output", default="out.png", help="output file (.png, .jpg, .webp)")
+    sub.add_parser("info", help="print the loaded model's description as JSON")
+    s = sub.add_parser("save-tiny", help="write the tiny model as a diffusers pipeline directory + LoRA files")
+    s.add_argument("directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        if args.command == "save-tiny":
+            from .models import save_tiny
+
+            print(json.dumps(save_tiny(args.directory), indent=2))
+            return 0
+        from .models import load_pipeline
+
+        pipe = load_pipeline()
+        if args.command == "info":
+            print(json.dumps(pipe.info(show_paths=True), indent=2))
+            return 0
+        req = {
+            "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
+            "num_inference_steps": args.steps, "guidance_scale": args.guidance, "scheduler": args.scheduler,
+            "lora_scale": args.lora_scale, "adapter": args.adapter, "width": args.width, "height": args.height,
+        }
+        [result] = pipe.generate([{k: v for k, v in req.items() if v is not None or k == "negative_prompt"}])
+        out = Path(args.output)
+        fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
+        out.write_bytes(encode_image(result, fmt))
+        print(json.dumps({"output": str(out), "seed": result.seed, "lora_scale": result.lora_scale,
+                          "adapter": result.adapter, "prompt_truncated": result.prompt_truncated,
+                          "timings_ms": {k: round(v, 1) for k, v in result.timings.items()}}))
+        return 0
+    except SpoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The public API, validation, presets, the CLI and the error contract."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import max_pixel_diff
+from spo_runtime import GenerationRequest, InvalidRequestError, ModelLoadError, NonFiniteError, Settings, load_pipeline
+from spo_runtime.models import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("num_inference_steps", 0, "1..100"),
+        ("num_inference_steps", 10000, "1..100"),
+        ("num_inference_steps", "20", "integer"),
+        ("guidance_scale", math.nan, "finite"),
+        ("guidance_scale", 31, "0.0..30.0"),
+        ("lora_scale", 99, "-2.0..2.0"),
+        ("seed", -5, "0..4294967295"),
+        ("seed", 2**32, "0..4294967295"),
+        ("scheduler", "plms", "ddim, euler, dpmpp_2m_karras"),
+        ("width", 100, "multiple of 8 in 32..256"),
+        ("height", 512, "multiple of 8 in 32..256"),
+        ("prompt", "   ", "non-empty"),
+        ("adapter", "../etc", "letters, digits"),
+        ("eta", 0.5, "scheduler is 'ddim'"),
+        ("bogus", 1, "unknown field"),
+    ],
+)
+def test_validation_names_field_and_range(field, value, needle):
+    body = {"prompt": "a cat", field: value}
+    if field == "eta":
+        body["scheduler"] = "euler"
+    with pytest.raises(InvalidRequestError) as e:
+        GenerationRequest.parse(body, size_range=(32, 256))
+    assert e.value.field == field
+    assert needle in str(e.value) and str(e.value).startswith(field)
+
+
+def test_missing_prompt_and_several_errors():
+    with pytest.raises(InvalidRequestError) as e:
+        GenerationRequest.parse({"num_inference_steps": 0, "seed": -1})
+    fields = [f for f, _ in e.value.errors]
+    assert fields == ["prompt", "num_inference_steps", "seed"]
+    assert "field required" in str(e.value)
+
+
+def test_seed_drawn_and_reported_and_reproducible(pipe):
+    a = pipe.generate([dict(prompt="a cat", num_inference_steps=3)])[0]
+    assert 0 <= a.seed <= 2**32 - 1
+    b = pipe.generate([dict(prompt="a cat", num_inference_steps=3, seed=a.seed)])[0]
+    assert max_pixel_diff(a.image, b.image) == 0
+
+
+def test_long_prompt_is_truncated_and_flagged(pipe):
+    long = " ".join(["zebra"] * 200)
+    r = pipe.generate([dict(prompt=long, num_inference_steps=2, seed=1), dict(prompt="a cat", num_inference_steps=2, seed=1)])
+    assert r[0].prompt_truncated and not r[1].prompt_truncated
+
+
+def test_embedding_cache_hits_and_bounds(tiny_dir):
+    p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), embed_cache_size=2))
+    calls = []
+    orig = p._encode_texts
+    p._encode_texts = lambda texts: calls.append(list(texts)) or orig(texts)
+    p.prepare([dict(prompt="a", negative_prompt="b"), dict(prompt="a")])  # one batched call, "a" once
+    p.prepare([dict(prompt="a")])  # cached
+    p.prepare([dict(prompt="c"), dict(prompt="d")])  # evicts
+    assert calls == [["a", "b"], ["c", "d"]]
+    assert list(p._cache) == ["c", "d"]
+
+
+def test_mixed_sizes_in_one_call(pipe):
+    reqs = [dict(prompt="a", seed=1, width=64, height=64, num_inference_steps=2),
+            dict(prompt="a", seed=1, width=96, height=64, num_inference_steps=2)]
+    out = pipe.generate(reqs)
+    assert [o.image.size for o in out] == [(64, 64), (96, 64)]
+    assert max_pixel_diff(out[1].image, pipe.generate([reqs[1]])[0].image) <= 1
+
+
+def test_nan_latent_raises_typed_error(pipe):
+    [s] = pipe.prepare([dict(prompt="a", seed=1, num_inference_steps=1)])
+    s.latents = torch.full_like(s.latents, float("nan"))
+    [r] = pipe.decode([s])
+    assert isinstance(r, NonFiniteError) and "NaN" in str(r)
+
+
+def test_settings_from_env_and_auto_preset():
+    s = Settings.from_env({"SPO_MODEL": "auto", "SPO_LORA_SCALE": "0.5", "SPO_LORA_FUSE": "false"})
+    assert s.lora_scale == 0.5 and s.lora_fuse is False
+    preset, device, dtype = resolve(s)
+    assert (preset.name, device.type, dtype) == ("tiny", "cpu", torch.float32)  # no CUDA here
+    with pytest.raises(InvalidRequestError, match="SPO_LORA_SCALE"):
+        Settings.from_env({"SPO_LORA_SCALE": "9"})
+    with pytest.raises(InvalidRequestError, match="SPO_MODEL"):
+        Settings.from_env({"SPO_MODEL": "sd15"})
+
+
+def test_xformers_missing_is_a_clear_error(tiny_dir):
+    try:
+        import xformers  # noqa: F401
+
+        pytest.skip("xformers is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ModelLoadError, match="SPO_ATTENTION=xformers"):
+        load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), attention="xformers"))
+
+
+def test_sdxl_spo_loader_on_local_files(tiny_dir, pipe):
+    """The sdxl-spo loading path (pipeline dir + separate VAE dir + LoRA file), offline, on the saved tiny model."""
+    p = load_pipeline(Settings(model="sdxl-spo", base_model=str(tiny_dir), vae=str(tiny_dir / "vae"),
+                               lora=str(tiny_dir / "spo_tiny_lora_diffusers.safetensors"), device="cpu"))
+    assert p.preset.name == "sdxl-spo" and p.preset.default_size == 1024
+    r = p.generate([dict(prompt="a fox", seed=3, width=256, height=256, num_inference_steps=2)])[0]
+    ref = pipe.generate([dict(prompt="a fox", seed=3, width=256, height=256, num_inference_steps=2)])[0]
+    assert r.image.size == (256, 256) and max_pixel_diff(r.image, ref.image) <= 1
+    info = p.info()
+    assert "id" not in info["sources"]["base"] and len(info["sources"]["base"]["sha256"]) == 64  # hashes, not paths
+    assert p.info(show_paths=True)["sources"]["base"]["id"] == str(tiny_dir)
+
+
+def test_sdxl_spo_without_hub_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="SPO_BASE_MODEL"):
+        load_pipeline(Settings(model="sdxl-spo", device="cpu", base_model=str(tmp_path / "nothing-here")))
+
+
+def test_sdxl_random_architecture_matches_spo_lora_layout():
+    """The repo's SDXL configs: 2.57 B UNet parameters and SPO's 140 attention modules x 4 = 560 LoRA layers."""
+    from diffusers import UNet2DConditionModel
+
+    from spo_runtime.models import _config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_config("unet.json"))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    targets = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert len(targets) == 560
+    lora_params = sum(m.in_features * 64 + m.out_features * 64 for n, m in unet.named_modules() if n in set(targets))
+    assert abs(lora_params - 92.9e6) < 0.1e6  # the released SPO LoRA's size
+
+
+def test_cli_generate_save_tiny_and_errors(tmp_path):
+    env = {"SPO_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = tmp_path / "cli.png"
+    r = subprocess.run([sys.executable, "-m", "spo_runtime", "generate", "a fox", "--seed", "42", "--steps", "3",
+                        "--lora-scale", "0.5", "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(r.stdout.strip().splitlines()[-1])
+    assert meta["seed"] == 42 and meta["lora_scale"] == 0.5
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    assert "Seed: 42" in img.text["parameters"] and "Lora scale: 0.5" in img.text["parameters"]
+    r = subprocess.run([sys.executable, "-m", "spo_runtime", "generate", "a fox", "--steps", "0", "-o", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "num_inference_steps: must be in 1..100, got 0" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "spo_runtime", "save-tiny", str(tmp_path / "t")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names = {p.name for p in (tmp_path / "t").iterdir()}
+    assert {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+            "spo_tiny_lora_webui.safetensors", "spo_tiny_lora_diffusers.safetensors"} <= names
+    sched = json.loads((tmp_path / "t" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDIMScheduler" and sched["timestep_spacing"] == "leading" and sched["steps_offset"] == 1
