@@ -67,20 +67,24 @@ class _LoraLayer(nn.Module):
         for name, s in self.ctx.terms.items():
             w = self.adapters.get(name)
             if w is not None:
-                h = self.branch(x, *w)
-                out = out + h * _row_view(s, h)
+                out = self.add_branch(out, x, s, *w)
         return out
 
 
 class LoraLinear(_LoraLayer):
-    def branch(self, x, down, up):
-        return F.linear(F.linear(x, down), up)
+    def add_branch(self, out, x, s, down, up):
+        # y += (s_row * x D^T) U^T: the scale multiplies the rank-r activation (cheapest place),
+        # and the up-projection accumulates into y in one addmm.
+        h = F.linear(x, down)
+        h = h * _row_view(s, h)
+        return out.view(-1, out.shape[-1]).addmm(h.reshape(-1, h.shape[-1]), up.t()).view(out.shape)
 
 
 class LoraConv2d(_LoraLayer):
-    def branch(self, x, down, up):
+    def add_branch(self, out, x, s, down, up):
         b = self.base_layer
-        return F.conv2d(F.conv2d(x, down, None, b.stride, b.padding, b.dilation, b.groups), up)
+        h = F.conv2d(x, down, None, b.stride, b.padding, b.dilation, b.groups)
+        return out + F.conv2d(h * _row_view(s, h), up)
 
 
 @dataclass
