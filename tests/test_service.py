@@ -1,0 +1,336 @@
+"""End to end over HTTP against the real `bentoml serve` (tiny preset), shared across tests."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server import Server
+
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_dir, tmp_path_factory):
+    """SPO_ADAPTER_DIR with the tiny LoRA (webui layout) and a conv-targeting adapter."""
+    import torch
+
+    from spo_runtime import Settings, load_pipeline
+    from spo_runtime.lora_format import LoraModuleWeights, module_specs, save_lora_file
+
+    d = tmp_path_factory.mktemp("adapters")
+    (d / "tiny_webui.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())
+    p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
+    specs = module_specs(p.unet)
+    g = torch.Generator().manual_seed(5)
+    mods = {}
+    for m in [m for m in specs if m.endswith(("resnets.0.conv1", "attn2.to_v", "ff.net.2"))]:
+        sp = specs[m]
+        k = sp.kernel_size if sp.kind == "conv" else ()
+        down = torch.randn(4, sp.in_features, *k, generator=g) * 0.1
+        up = torch.randn(sp.out_features, 4, *((1, 1) if k else ()), generator=g) * 0.3
+        mods[m] = LoraModuleWeights(m, down, up, 4.0)
+    (d / "sub").mkdir()
+    save_lora_file(d / "sub" / "conv.safetensors", mods, "diffusers")
+    (d.parent / "outside.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    env = {"SPO_DATA_DIR": str(data), "SPO_ADAPTER_DIR": str(adapter_dir), "SPO_ADMIN_TOKEN": TOKEN,
+           "SPO_MAX_QUEUE": "16", "SPO_MAX_BATCH": "8"}
+    with Server(env, data / "server.log") as s:
+        yield s
+
+
+def gen(server, timeout=120, **body):
+    return httpx.post(server.url + "/generate", json=body, timeout=timeout)
+
+
+def img(resp) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    return np.asarray(Image.open(io.BytesIO(resp.content)), dtype=np.int16)
+
+
+def concurrently(fn, args_list):
+    out = [None] * len(args_list)
+
+    def run(i, a):
+        out[i] = fn(*a)
+
+    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_readyz_was_not_ready_before_warmup(server):
+    assert server.ready_history[-1] == 200
+    assert any(code != 200 for code in server.ready_history), server.ready_history  # 503 or unanswered first
+    assert httpx.get(server.url + "/livez").status_code == 200
+
+
+def test_png_headers_and_parameters_chunk(server):
+    r = gen(server, prompt="a watercolor fox", seed=42, num_inference_steps=4)
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-seed"] == "42" and r.headers["x-lora-scale"] == "1.0" and r.headers["x-adapter"] == "spo"
+    assert len(r.headers["x-adapter-sha256"]) == 16 and r.headers["x-prompt-truncated"] == "false"
+    assert float(r.headers["x-queue-ms"]) >= 0 and float(r.headers["x-inference-ms"]) > 0 and r.headers["x-request-id"]
+    im = Image.open(io.BytesIO(r.content))
+    assert im.size == (64, 64) and "Seed: 42" in im.text["parameters"]
+    j = gen(server, prompt="a watercolor fox", seed=42, num_inference_steps=4, format="jpeg", quality=30)
+    w = gen(server, prompt="a watercolor fox", seed=42, num_inference_steps=4, format="webp", quality=80)
+    assert j.headers["content-type"] == "image/jpeg" and j.content[:2] == b"\xff\xd8"
+    assert w.headers["content-type"] == "image/webp" and w.content[8:12] == b"WEBP"
+    hi = gen(server, prompt="a watercolor fox", seed=42, num_inference_steps=4, format="jpeg", quality=95)
+    assert len(hi.content) > len(j.content)  # our quality is honoured
+
+
+def test_concurrent_requests_batch_and_equal_alone(server):
+    before = server.metrics()
+    bodies = [dict(prompt=f"a castle number {i}", seed=100 + i, num_inference_steps=s)
+              for i, s in enumerate([6, 10, 14, 8, 12, 16, 7, 9])]
+    together = concurrently(lambda b: gen(server, **b), [(b,) for b in bodies])
+    after = server.metrics()
+    steps = after["spo_batch_size_count"] - before.get("spo_batch_size_count", 0)
+    images = after["spo_batch_size_sum"] - before.get("spo_batch_size_sum", 0)
+    assert images / steps > 1.5, (images, steps)  # batch sizes above 1
+    for b, r in zip(bodies, together):
+        alone = gen(server, **b)
+        assert np.abs(img(r) - img(alone)).max() <= 1
+
+
+def test_late_request_finishes_before_the_long_batch(server):
+    done = {}
+
+    def long_one():
+        r = gen(server, prompt="a long one", seed=1, num_inference_steps=100)
+        done["long"] = time.time()
+        return r
+
+    t = threading.Thread(target=long_one)
+    t.start()
+    time.sleep(0.5)
+    r = gen(server, prompt="a short one", seed=2, num_inference_steps=3)
+    done["short"] = time.time()
+    t.join()
+    assert r.status_code == 200 and done["short"] < done["long"]
+
+
+def test_mixed_scales_and_adapters_in_one_batch(server):
+    r = httpx.post(server.url + "/admin/adapters/load", json={"name": "conv", "file": "sub/conv.safetensors"}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    from safetensors import safe_open
+
+    with safe_open(str(server.env["SPO_ADAPTER_DIR"] + "/sub/conv.safetensors"), "pt") as f:
+        assert r.json()["layers"] == len(list(f.keys())) // 2
+    assert len(r.json()["sha256"]) == 64
+    bodies = [dict(prompt="a red fox", seed=7, num_inference_steps=6, adapter=a, lora_scale=s)
+              for a, s in [("spo", 0.0), ("spo", 0.5), ("spo", 1.5), ("conv", 1.0), ("conv", -0.7), ("spo", -1.0)]]
+    together = concurrently(lambda b: gen(server, **b), [(b,) for b in bodies])
+    for b, r in zip(bodies, together):
+        assert r.headers["x-adapter"] == b["adapter"] and float(r.headers["x-lora-scale"]) == b["lora_scale"]
+        assert np.abs(img(r) - img(gen(server, **b))).max() <= 1
+    assert np.abs(img(together[0]) - img(together[2])).max() > 10
+    listed = httpx.get(server.url + "/admin/adapters", headers=AUTH).json()
+    assert {a["name"] for a in listed["adapters"]} == {"spo", "conv"}
+
+
+def test_scale_change_under_load(server):
+    results = {}
+
+    def client(i):
+        out = []
+        for k in range(4):
+            t = time.time()
+            out.append((t, gen(server, prompt="a lighthouse", seed=11, num_inference_steps=5)))
+        results[i] = out
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.6)
+    r = httpx.post(server.url + "/admin/lora_scale", json={"scale": 0.3}, headers=AUTH)
+    changed_at = time.time()
+    assert r.status_code == 200 and r.json()["previous"] == 1.0 and r.json()["scale"] == 0.3
+    assert r.json()["swap_ms"] < 50
+    for t in threads:
+        t.join()
+    try:
+        responses = [resp for out in results.values() for _, resp in out]
+        assert all(resp.status_code == 200 for resp in responses)
+        scales = {resp.headers["x-lora-scale"] for resp in responses}
+        assert scales == {"1.0", "0.3"}
+        ref = {s: img(gen(server, prompt="a lighthouse", seed=11, num_inference_steps=5, lora_scale=float(s))) for s in scales}
+        for resp in responses:
+            assert np.abs(img(resp) - ref[resp.headers["x-lora-scale"]]).max() <= 1  # pixels carry the header's scale
+        late = [resp for out in results.values() for t, resp in out if t > changed_at + 0.05]
+        assert late and all(resp.headers["x-lora-scale"] == "0.3" for resp in late)
+    finally:
+        httpx.post(server.url + "/admin/lora_scale", json={"scale": 1.0}, headers=AUTH)
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"prompt": "x", "num_inference_steps": "abc"}, "num_inference_steps"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "x", "scheduler": "plms"}, "scheduler"),
+        ({"prompt": "x", "width": 1000}, "width"),
+        ({"prompt": "x", "height": 65}, "height"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "x", "num_inference_steps": 10000}, "num_inference_steps"),
+        ({"prompt": "x", "guidance_scale": float("nan")}, "guidance_scale"),
+        ({"prompt": "x", "lora_scale": 99}, "lora_scale"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "seed": -5}, "seed"),
+        ({"prompt": "x", "adapter": "nope"}, "adapter"),
+        ({"prompt": "x", "format": "gif"}, "format"),
+        ({"prompt": "x", "quality": 0}, "quality"),
+        ({"prompt": "x", "timeout_s": -1}, "timeout_s"),
+        ({}, "prompt"),
+    ],
+)
+def test_bad_input_is_400_naming_the_field(server, body, field):
+    content = json.dumps(body, allow_nan=True)
+    r = httpx.post(server.url + "/generate", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, (r.status_code, r.text)
+    detail = r.json()
+    assert any(d["loc"][-1] == field for d in detail["detail"]), detail
+
+
+def test_oversized_body_and_batch_limits(server):
+    r = httpx.post(server.url + "/generate", json={"prompt": "x" * 70000})
+    assert r.status_code == 400 and "65536 bytes" in r.json()["error"]
+    r = httpx.post(server.url + "/generate_batch", json={"prompt": "x", "n": 9})
+    assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["n"]
+    r = httpx.post(server.url + "/generate_batch", json={"prompt": "x", "n": 3, "seed": 2**32 - 2})
+    assert r.status_code == 400 and "seed" in r.json()["error"]
+
+
+def test_generate_batch(server):
+    r = httpx.post(server.url + "/generate_batch", json={"prompt": "an owl", "n": 3, "seed": 50, "num_inference_steps": 4}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seeds"] == [50, 51, 52] and len(body["images"]) == 3
+    import base64
+
+    second = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][1]["image"]))), dtype=np.int16)
+    assert np.abs(second - img(gen(server, prompt="an owl", seed=51, num_inference_steps=4))).max() <= 1
+
+
+def test_queue_limit_gives_429_with_retry_after(server):
+    bodies = [dict(prompt="q", seed=i, num_inference_steps=60) for i in range(30)]
+    rs = concurrently(lambda b: gen(server, **b), [(b,) for b in bodies])
+    codes = [r.status_code for r in rs]
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+    r429 = next(r for r in rs if r.status_code == 429)
+    assert int(r429.headers["retry-after"]) >= 1 and "SPO_MAX_QUEUE" in r429.json()["error"]
+    assert server.metrics()['spo_rejected_total{reason="queue_full"}'] >= 1
+
+
+def test_client_disconnect_frees_its_slot(server):
+    async def go():
+        async with httpx.AsyncClient() as client:
+            task = asyncio.ensure_future(client.post(server.url + "/generate", json={"prompt": "gone", "num_inference_steps": 100}, timeout=60))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    before = server.metrics().get('spo_rejected_total{reason="disconnected"}', 0)
+    asyncio.run(go())
+    t0 = time.time()
+    while time.time() - t0 < 10:
+        info = httpx.get(server.url + "/info").json()
+        if info["engine"]["running"] == 0 and server.metrics().get('spo_rejected_total{reason="disconnected"}', 0) > before:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the disconnected request kept its slot")
+
+
+def test_admin_needs_the_token_and_paths_stay_inside(server):
+    assert httpx.post(server.url + "/admin/lora_scale", json={"scale": 0.5}).status_code == 401
+    assert httpx.post(server.url + "/admin/lora_scale", json={"scale": 0.5}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(server.url + "/admin/adapters").status_code == 401
+    for bad in ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors", "tiny_webui.bin"]:
+        r = httpx.post(server.url + "/admin/adapters/load", json={"name": "x", "file": bad}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["file"], (bad, r.text)
+    r = httpx.post(server.url + "/admin/lora_scale", json={"scale": 5}, headers=AUTH)
+    assert r.status_code == 400 and "-2.0..2.0" in r.text
+    r = httpx.post(server.url + "/admin/adapters/unload", json={"name": "nope"}, headers=AUTH)
+    assert r.status_code == 400
+    adapter_dir = server.env["SPO_ADAPTER_DIR"]
+    assert adapter_dir not in httpx.get(server.url + "/info").text  # no host paths without the token
+    assert adapter_dir in httpx.get(server.url + "/info", headers=AUTH).text
+
+
+def test_bentoml_clients_get_a_pil_image(server):
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server.url) as client:
+        im = client.generate(prompt="a cat", seed=3, num_inference_steps=3)
+    assert isinstance(im, Image.Image) and im.size == (64, 64)
+
+    async def go():
+        async with bentoml.AsyncHTTPClient(server.url) as client:
+            return await client.generate(prompt="a cat", seed=3, num_inference_steps=3)
+
+    im2 = asyncio.run(go())
+    assert np.abs(np.asarray(im, dtype=np.int16) - np.asarray(im2, dtype=np.int16)).max() == 0
+
+
+def test_metrics_expose_every_series(server):
+    m = server.metrics()
+    names = {k.split("{")[0] for k in m}
+    for expected in ["spo_queue_depth", "spo_batch_size_count", "spo_step_seconds_count", "spo_queue_wait_seconds_count",
+                     "spo_encode_seconds_count", "spo_denoise_seconds_count", "spo_decode_seconds_count", "spo_images_total",
+                     "spo_rejected_total", "spo_default_lora_scale", "spo_adapters_loaded", "spo_adapter_memory_bytes"]:
+        assert expected in names, expected
+    assert m['spo_images_total{scheduler="ddim",size="64x64"}'] > 10
+
+
+def test_admin_state_survives_a_restart_with_two_workers(server, adapter_dir, tmp_path):
+    """A second server on the same data dir (2 workers, no token: loopback admin) restores the state."""
+    r = httpx.post(server.url + "/admin/lora_scale", json={"scale": 0.6}, headers=AUTH)
+    assert r.status_code == 200
+    r = httpx.post(server.url + "/admin/default_adapter", json={"name": "conv"}, headers=AUTH)
+    assert r.status_code == 200
+    with open(server.env["SPO_DATA_DIR"] + "/admin_state.json") as fh:
+        recorded = json.load(fh)
+    assert recorded["default_lora_scale"] == 0.6 and recorded["adapters"]["conv"]["file"] == "sub/conv.safetensors"
+    env = {k: v for k, v in server.env.items() if k.startswith("SPO_") and k != "SPO_ADMIN_TOKEN"}
+    env["SPO_WORKERS"] = "2"
+    server.stop()
+    with Server(env, tmp_path / "restart.log") as s2:
+        r = gen(s2, prompt="a fox", seed=1, num_inference_steps=3)
+        assert r.headers["x-adapter"] == "conv" and r.headers["x-lora-scale"] == "0.6"
+        # loopback admin without a configured token; both workers converge at their next step boundary
+        assert httpx.post(s2.url + "/admin/lora_scale", json={"scale": 0.2}).status_code == 200
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            for i in range(4):
+                gen(s2, prompt="tick", seed=i, num_inference_steps=1)
+            workers = httpx.get(s2.url + "/info").json()["workers"]
+            if len(workers) == 2 and all(w["default_lora_scale"] == 0.2 for w in workers):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"workers did not converge: {workers}")
+        m = s2.metrics()
+        assert m["spo_default_lora_scale"] == 0.2
+        assert sum(v for k, v in m.items() if k.startswith("spo_images_total")) >= 5  # summed over both workers
