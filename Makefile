@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: serve test install demo load clean gpu-wheels
+.PHONY: serve test install demo load clean gpu-wheels build
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# SPO_MODEL=auto: sdxl-spo on a CUDA machine, the tiny demo model otherwise.
 serve: $(STAMP)
-	$(BIN)/bentoml serve service.service:SPOService --port $(PORT)
+	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve service.service:SPOService --host 0.0.0.0 --port $(PORT)
+
+build: $(STAMP)
+	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml build
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)

@@ -93,7 +93,6 @@ def _map_error(e: BaseException) -> JSONResponse:
     name="spo-serve",
     workers=WORKERS,
     traffic={"timeout": 900, "max_concurrency": 512},
-    envs=[{"name": "SPO_MODEL", "value": "auto"}],
 )
 class SPOService:
     def __init__(self) -> None:
