@@ -75,16 +75,16 @@ class LoraLinear(_LoraLayer):
     def add_branch(self, out, x, s, down, up):
         # y += (s_row * x D^T) U^T: the scale multiplies the rank-r activation (cheapest place),
         # and the up-projection accumulates into y in one addmm.
-        h = F.linear(x, down)
+        h = F.linear(x, down.to(x.dtype))  # trainable adapters keep fp32 weights: cast (no-op otherwise)
         h = h * _row_view(s, h)
-        return out.view(-1, out.shape[-1]).addmm(h.reshape(-1, h.shape[-1]), up.t()).view(out.shape)
+        return out.view(-1, out.shape[-1]).addmm(h.reshape(-1, h.shape[-1]), up.to(x.dtype).t()).view(out.shape)
 
 
 class LoraConv2d(_LoraLayer):
     def add_branch(self, out, x, s, down, up):
         b = self.base_layer
-        h = F.conv2d(x, down, None, b.stride, b.padding, b.dilation, b.groups)
-        return out + F.conv2d(h * _row_view(s, h), up)
+        h = F.conv2d(x, down.to(x.dtype), None, b.stride, b.padding, b.dilation, b.groups)
+        return out + F.conv2d(h * _row_view(s, h), up.to(x.dtype))
 
 
 @dataclass

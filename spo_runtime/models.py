@@ -295,6 +295,7 @@ class SpoPipeline:
         self.default_adapter: str | None = None
         self._cache: OrderedDict[str, _Embedding] = OrderedDict()
         self.last_step: StepStats | None = None
+        self._last_adapters: list[str] = []
         if parts.get("lora") is not None:
             self.load_adapter(DEFAULT_ADAPTER, parts["lora"])
             self.default_adapter = DEFAULT_ADAPTER
@@ -421,6 +422,54 @@ class SpoPipeline:
 
     # -- one step ----------------------------------------------------------------------------
 
+    def conditioning(self, states: list[RequestState]) -> dict[str, torch.Tensor]:
+        """Per-row conditioning of `states`, stacked: prompt/negative embeddings, time ids, guidance."""
+        def neg(s, attr, like):
+            v = getattr(s, attr)
+            return v if v is not None else torch.zeros_like(like)  # rows without CFG never use it
+
+        return {
+            "prompt_embeds": torch.cat([s.prompt_embeds for s in states]),
+            "pooled": torch.cat([s.pooled for s in states]),
+            "negative_embeds": torch.cat([neg(s, "negative_embeds", s.prompt_embeds) for s in states]),
+            "negative_pooled": torch.cat([neg(s, "negative_pooled", s.pooled) for s in states]),
+            # SDXL micro-conditioning: original size, crop top-left, target size (diffusers' add_time_ids)
+            "time_ids": torch.tensor([[s.height, s.width, 0, 0, s.height, s.width] for s in states], dtype=self.dtype, device=self.device),
+            "guidance": torch.tensor([s.request.guidance_scale for s in states], dtype=torch.float32),
+        }
+
+    def guided_eps(self, x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], scales: list[dict[str, float]]) -> torch.Tensor:
+        """One UNet call with classifier-free guidance per row (rows with guidance <= 1 run unguided).
+
+        UNet batch: [uncond of the CFG rows] + [cond of every row], as diffusers' cat([uncond, cond]).
+        `scales` holds each row's LoRA scales over the loaded adapters. Differentiable (the trainer
+        calls it with grad; serving calls it under inference_mode).
+        """
+        g = cond["guidance"]
+        cfg = [i for i in range(len(g)) if float(g[i]) > 1.0]
+        c = torch.tensor(cfg, dtype=torch.long, device=x_in.device)
+        unet_x = torch.cat([x_in.index_select(0, c), x_in])
+        unet_t = torch.cat([t.index_select(0, c), t])
+        enc = torch.cat([cond["negative_embeds"].index_select(0, c), cond["prompt_embeds"]])
+        pooled = torch.cat([cond["negative_pooled"].index_select(0, c), cond["pooled"]])
+        time_ids = torch.cat([cond["time_ids"].index_select(0, c), cond["time_ids"]])
+        self.registry.set_row_scales([scales[i] for i in cfg] + list(scales))
+        try:
+            pred = self.unet(
+                unet_x, unet_t, encoder_hidden_states=enc,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False,
+            )[0]
+        finally:
+            self._last_adapters = list(self.registry.ctx.terms)
+            self.registry.clear_row_scales()
+        n = len(cfg)
+        eps = pred[n:]
+        if n:
+            gs = g[cfg].to(pred.dtype).to(pred.device).view(-1, 1, 1, 1)
+            uncond, text = pred[:n], eps.index_select(0, c)
+            eps = eps.index_copy(0, c, uncond + gs * (text - uncond))
+        return eps
+
     @torch.inference_mode()
     def denoise(self, states: list[RequestState]) -> StepStats:
         """One UNet call over `states` (same latent size), each at its own step; advances every row."""
@@ -428,36 +477,12 @@ class SpoPipeline:
         rows = [s.row for s in states]
         x = torch.cat([s.latents for s in states])
         x_in, t = model_inputs(rows, x)
-        cfg = [i for i, s in enumerate(states) if s.cfg]
-        c = torch.tensor(cfg, dtype=torch.long, device=self.device)
-        # UNet rows: [uncond of the CFG rows] + [cond of every row], as diffusers' cat([uncond, cond])
-        unet_x = torch.cat([x_in.index_select(0, c), x_in])
-        unet_t = torch.cat([t.index_select(0, c), t])
-        enc = torch.cat([states[i].negative_embeds for i in cfg] + [s.prompt_embeds for s in states])
-        pooled = torch.cat([states[i].negative_pooled for i in cfg] + [s.pooled for s in states])
-        time_ids = torch.tensor(
-            [[states[i].height, states[i].width, 0, 0, states[i].height, states[i].width] for i in cfg + list(range(len(states)))],
-            dtype=self.dtype, device=self.device,
-        )
-        self.registry.set_row_scales([states[i].scales for i in cfg] + [s.scales for s in states])
-        try:
-            pred = self.unet(
-                unet_x, unet_t, encoder_hidden_states=enc,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False,
-            )[0]
-        finally:
-            adapters = list(self.registry.ctx.terms)
-            self.registry.clear_row_scales()
-        n = len(cfg)
-        eps = pred[n:]
-        if n:
-            g = torch.tensor([states[i].request.guidance_scale for i in cfg], dtype=pred.dtype, device=self.device).view(-1, 1, 1, 1)
-            uncond, text = pred[:n], eps.index_select(0, c)
-            eps = eps.index_copy(0, c, uncond + g * (text - uncond))
+        eps = self.guided_eps(x_in, t, self.conditioning(states), [s.scales for s in states])
         x_next, _ = step_rows(rows, x, eps)
         for i, s in enumerate(states):
             s.latents = x_next[i : i + 1]
-        stats = StepStats(len(states), int(unet_x.shape[0]), time.perf_counter() - t0, adapters)
+        n_cfg = sum(1 for s in states if s.cfg)
+        stats = StepStats(len(states), len(states) + n_cfg, time.perf_counter() - t0, self._last_adapters)
         self.last_step = stats
         return stats
 
