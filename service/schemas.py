@@ -25,6 +25,20 @@ class NameBody(BaseModel):
     name: str | None
 
 
+class TrainSubmitBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompts: list[str] | None = None
+    prompts_file: str | None = None
+    config: dict[str, Any] = {}
+    start_adapter: str | None = None
+    output_adapter: str | None = None
+
+
+class JobBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    job_id: str
+
+
 class LoadBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str

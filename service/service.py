@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.schemas import FORMATS, BodyLimitMiddleware, LoadBody, NameBody, ScaleBody, error_response, parse_body
+from service.schemas import (FORMATS, BodyLimitMiddleware, JobBody, LoadBody, NameBody, ScaleBody, TrainSubmitBody,
+                             error_response, parse_body)
 
 log = logging.getLogger("spo_serve")
 access = logging.getLogger("spo_serve.access")
@@ -65,8 +66,12 @@ def _map_error(e: BaseException) -> JSONResponse:
     from spo_runtime.errors import (AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, InvalidRequestError,
                                     LoraFormatError, NonFiniteError)
 
+    from spo_runtime.jobs import JobNotFoundError
+
     if isinstance(e, InvalidRequestError):
         return error_response(400, str(e), e.field, getattr(e, "errors", None))
+    if isinstance(e, JobNotFoundError):
+        return error_response(404, str(e), "job_id")
     if isinstance(e, AdapterNotFoundError):
         return error_response(400, str(e), "adapter")
     if isinstance(e, LoraFormatError):
@@ -126,6 +131,11 @@ class SPOService:
             self.sync.poll()  # the persisted admin state, before the first request
             self.engine.on_boundary(self.sync.poll)
             self.engine.start()
+            from spo_runtime.jobs import JobStore, Supervisor
+
+            self.jobs = JobStore(data_dir, adapter_dir)
+            metrics = self.engine.metrics
+            self.supervisor = Supervisor(self.jobs, on_change=lambda c: [metrics.train_jobs.labels(k).set(v) for k, v in c.items()]).start()
             t0 = time.perf_counter()
             self.engine.generate_sync([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2}])
             log.info("warm-up image in %.2fs; ready", time.perf_counter() - t0)
@@ -133,6 +143,14 @@ class SPOService:
         except Exception as e:  # keep the process up and say why on /livez and /readyz
             self.failure = f"{type(e).__name__}: {e}"
             log.exception("spo-serve failed to start")
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        """Let a running trainer checkpoint at its round boundary, then stop the engine."""
+        if getattr(self, "supervisor", None) is not None:
+            self.supervisor.stop()
+        if self.engine is not None:
+            self.engine.stop()
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -415,7 +433,97 @@ async def list_adapters(svc: SPOService, request: Request) -> Response:
     })
 
 
+# -- training jobs ---------------------------------------------------------------------------
+
+
+@admin
+async def train_submit(svc: SPOService, request: Request) -> Response:
+    from spo_runtime.errors import InvalidRequestError
+    from spo_runtime.requests import ADAPTER_NAME, GenerationRequest
+    from spo_runtime.state import resolve_under
+    from spo_runtime.train import TrainConfig
+
+    body = parse_body(TrainSubmitBody, await request.body())
+    if (body.prompts is None) == (body.prompts_file is None):
+        raise InvalidRequestError("prompts", "give exactly one of prompts (a list) or prompts_file")
+    if body.prompts_file is not None:
+        path = resolve_under(svc.jobs.root.parent, body.prompts_file, "prompts_file", suffixes=(".txt",))
+        prompts = [p for p in path.read_text().splitlines() if p.strip()]
+    else:
+        prompts = body.prompts
+    if not 1 <= len(prompts) <= 10_000:
+        raise InvalidRequestError("prompts", f"must hold 1..10000 prompts, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        try:
+            GenerationRequest.parse({"prompt": p})
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"prompts[{i}]", e.message) from None
+        if "\n" in p:
+            raise InvalidRequestError(f"prompts[{i}]", "must be one line")
+    cfg = TrainConfig.parse(body.config)  # 400 naming config.<field>
+    if body.output_adapter is not None and not ADAPTER_NAME.match(body.output_adapter):
+        raise InvalidRequestError("output_adapter", "must be 1..64 characters of letters, digits, '_', '.', '-'")
+    start = None
+    if body.start_adapter:
+        reg = svc.pipe.registry
+        if body.start_adapter in reg.adapters and Path(reg.adapters[body.start_adapter].source).is_file():
+            src = Path(reg.adapters[body.start_adapter].source).resolve()
+            if not src.is_relative_to(svc.state.adapter_dir.resolve()):
+                raise InvalidRequestError("start_adapter", "the adapter's file is not under SPO_ADAPTER_DIR")
+            start = str(src.relative_to(svc.state.adapter_dir.resolve()))
+        else:
+            path = resolve_under(svc.state.adapter_dir, body.start_adapter, "start_adapter")
+            start = str(path.relative_to(svc.state.adapter_dir.resolve()))
+    rec = svc.jobs.create(prompts, cfg.model_dump(exclude_defaults=True), start, body.output_adapter)
+    return JSONResponse({"job_id": rec["job_id"], "state": rec["state"], "output_adapter": rec["output_adapter"]})
+
+
+def _job_id(request: Request) -> str:
+    from spo_runtime.errors import InvalidRequestError
+
+    job_id = request.query_params.get("job_id")
+    if not job_id:
+        raise InvalidRequestError("job_id", "query parameter required")
+    return job_id
+
+
+def _public(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("result", "metrics")}
+
+
+@admin
+async def train_status(svc: SPOService, request: Request) -> Response:
+    return JSONResponse(_public(svc.jobs.read(_job_id(request))))
+
+
+@admin
+async def train_get(svc: SPOService, request: Request) -> Response:
+    rec = svc.jobs.read(_job_id(request))
+    if rec["state"] != "completed":
+        return error_response(409, f"job_id: the job is {rec['state']}, not completed", "job_id")
+    res = rec["result"]
+    return JSONResponse({"job_id": rec["job_id"], "state": rec["state"], "adapter": rec["output_adapter"],
+                         "files": res["files"], "sha256": res["sha256"], "metrics": rec.get("metrics"), "round": rec["round"]})
+
+
+@admin
+async def train_cancel(svc: SPOService, request: Request) -> Response:
+    body = parse_body(JobBody, await request.body())
+    return JSONResponse(_public(svc.jobs.cancel(body.job_id)))
+
+
+@admin
+async def train_list(svc: SPOService, request: Request) -> Response:
+    jobs = [_public(r) | {"history": None} for r in svc.jobs.list()]
+    return JSONResponse({"jobs": [{k: v for k, v in j.items() if v is not None} for j in jobs], "counts": svc.supervisor.counts()})
+
+
 ops_app = Starlette(routes=[
+    Route("/train/submit", train_submit, methods=["POST"]),
+    Route("/train/status", train_status, methods=["GET"]),
+    Route("/train/get", train_get, methods=["GET"]),
+    Route("/train/cancel", train_cancel, methods=["POST"]),
+    Route("/train/list", train_list, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
     Route("/admin/lora_scale", set_scale, methods=["POST"]),
     Route("/admin/default_adapter", set_default_adapter, methods=["POST"]),

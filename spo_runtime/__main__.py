@@ -49,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="print the loaded model's description as JSON")
     s = sub.add_parser("save-tiny", help="write the tiny model as a diffusers pipeline directory + LoRA files")
     s.add_argument("directory")
+    t = sub.add_parser("train", help="train an SPO LoRA on a prompt file (resumes from DIR's last checkpoint)")
+    t.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    t.add_argument("--output", required=True, help="directory for checkpoints, metrics.jsonl and the final adapter")
+    t.add_argument("--start-adapter", default=None, help="continue this LoRA file (.safetensors)")
+    t.add_argument("--name", default="spo-trained", help="name of the exported adapter files")
+    t.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (JSON values)")
+    j = sub.add_parser("train-job", help=argparse.SUPPRESS)  # the server's trainer process
+    j.add_argument("job_dir")
+    j.add_argument("--adapter-dir", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -58,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(save_tiny(args.directory), indent=2))
             return 0
+        if args.command == "train-job":
+            from .jobs import run_job
+
+            return run_job(args.job_dir, args.adapter_dir)
+        if args.command == "train":
+            return _train(args)
         from .models import load_pipeline
 
         pipe = load_pipeline()
@@ -80,6 +95,30 @@ def main(argv: list[str] | None = None) -> int:
     except SpoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _train(args) -> int:
+    from .models import load_pipeline
+    from .settings import Settings
+    from .train import SPOTrainer, TrainConfig
+
+    overrides = {}
+    for kv in args.config:
+        key, _, value = kv.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    cfg = TrainConfig.parse(overrides)
+    prompts = [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(cfg.mixed_precision)
+    pipe = load_pipeline(Settings.from_env(lora_fuse=False, dtype=dtype))
+    trainer = SPOTrainer(pipe, cfg, prompts, args.output, start_adapter=args.start_adapter)
+    if trainer.load_checkpoint():
+        print(f"resumed at round {trainer.round}", file=sys.stderr)
+    trainer.train(on_round=lambda s: print(json.dumps({k: v for k, v in s.items()}), flush=True))
+    print(json.dumps(trainer.export(Path(args.output), args.name)))
+    return 0
 
 
 if __name__ == "__main__":

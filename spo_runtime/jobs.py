@@ -1,0 +1,323 @@
+"""Durable training jobs: records in SPO_DATA_DIR/jobs/<id>/, one trainer process per job, one supervisor.
+
+- A job record (`job.json`, replaced atomically) holds the request, the state (queued, running,
+  completed, failed, canceled, interrupted), progress and a history of state changes.
+- The supervisor is whichever worker holds `jobs/.supervisor.lock`; it starts queued jobs one at a
+  time as `python -m spo_runtime train-job <dir>` (its own process, on SPO_TRAIN_DEVICE), notices
+  trainers that died, and at start-up marks jobs left `running` by a dead server as `interrupted`
+  and queues them again: they resume from their last checkpoint.
+- The trainer holds `<dir>/.lock` for its life, so two trainers never write one job. It checks for
+  `<dir>/cancel` and for SIGTERM at round boundaries and checkpoints before it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+from .errors import InvalidRequestError, SpoError
+from .state import write_json_atomic
+
+log = logging.getLogger("spo_runtime.jobs")
+
+STATES = ("queued", "running", "completed", "failed", "canceled", "interrupted")
+FINAL = ("completed", "failed", "canceled")
+
+
+class JobNotFoundError(SpoError, KeyError):
+    def __init__(self, job_id: str):
+        super().__init__(f"job_id: no job {job_id!r}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class JobStore:
+    def __init__(self, data_dir: str | Path, adapter_dir: str | Path):
+        self.root = Path(data_dir) / "jobs"
+        self.adapter_dir = Path(adapter_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def dir(self, job_id: str) -> Path:
+        if not job_id or not job_id.replace("-", "").isalnum() or len(job_id) > 64:
+            raise InvalidRequestError("job_id", f"must be a job id as /train/submit returned it, got {job_id!r}")
+        d = self.root / job_id
+        if not (d / "job.json").exists():
+            raise JobNotFoundError(job_id)
+        return d
+
+    def create(self, prompts: list[str], config: dict, start_adapter: str | None, output_adapter: str | None) -> dict:
+        job_id = uuid.uuid4().hex[:16]
+        d = self.root / job_id
+        d.mkdir(parents=True)
+        (d / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        rec = {
+            "job_id": job_id, "state": "queued", "created_at": time.time(), "config": config,
+            "start_adapter": start_adapter, "output_adapter": output_adapter or f"spo-{job_id[:8]}",
+            "prompts": len(prompts), "round": 0, "total_rounds": None, "pairs_kept": 0, "loss": None,
+            "clamp_share": None, "eta_s": None, "error": None, "history": [{"state": "queued", "at": time.time()}],
+        }
+        write_json_atomic(d / "job.json", rec)
+        return rec
+
+    def read(self, job_id: str) -> dict:
+        return json.loads((self.dir(job_id) / "job.json").read_text())
+
+    def update(self, job_id: str, **fields) -> dict:
+        d = self.dir(job_id)
+        with _flock(d / ".record.lock"):
+            rec = json.loads((d / "job.json").read_text())
+            if "state" in fields and fields["state"] != rec["state"]:
+                rec["history"].append({"state": fields["state"], "at": time.time(), **({"error": fields["error"]} if fields.get("error") else {})})
+            rec.update(fields)
+            rec["updated_at"] = time.time()
+            write_json_atomic(d / "job.json", rec)
+            return rec
+
+    def list(self) -> list[dict]:
+        out = []
+        for f in sorted(self.root.glob("*/job.json")):
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                out.append(json.loads(f.read_text()))
+        return sorted(out, key=lambda r: r["created_at"])
+
+    def cancel(self, job_id: str) -> dict:
+        d = self.dir(job_id)
+        rec = self.read(job_id)
+        if rec["state"] in FINAL:
+            return rec
+        (d / "cancel").touch()
+        if rec["state"] in ("queued", "interrupted"):
+            return self.update(job_id, state="canceled", finished_at=time.time())
+        return rec
+
+    def locked(self, job_id: str) -> bool:
+        """Whether a live trainer holds the job's lock."""
+        try:
+            fh = open(self.dir(job_id) / ".lock", "a")
+        except OSError:
+            return False
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
+
+@contextlib.contextmanager
+def _flock(path: Path):
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class Supervisor:
+    """Starts queued jobs one at a time in their own process. Only the lock holder supervises."""
+
+    def __init__(self, store: JobStore, env: dict[str, str] | None = None, poll_s: float = 0.5, on_change=None):
+        self.store = store
+        self.env = dict(env or os.environ)
+        self.poll_s = poll_s
+        self.proc: subprocess.Popen | None = None
+        self.current: str | None = None
+        self.owner = False
+        self._lock_fh = None
+        self._stop = threading.Event()
+        self.on_change = on_change
+        self.thread = threading.Thread(target=self._loop, name="spo-jobs", daemon=True)
+
+    def start(self) -> Supervisor:
+        self.thread.start()
+        return self
+
+    def _try_own(self) -> bool:
+        if self.owner:
+            return True
+        fh = open(self.store.root / ".supervisor.lock", "a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
+        self._lock_fh = fh
+        self.owner = True
+        self._recover()
+        return True
+
+    def _recover(self) -> None:
+        """Jobs a dead server left `running` are interrupted; they and earlier interrupted ones resume."""
+        for rec in self.store.list():
+            if rec["state"] == "running" and not self.store.locked(rec["job_id"]):
+                self.store.update(rec["job_id"], state="interrupted", interruptions=rec.get("interruptions", 0) + 1)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._try_own():
+                    self._tick()
+            except Exception:
+                log.exception("job supervisor tick failed")
+            self._stop.wait(self.poll_s)
+
+    def _tick(self) -> None:
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is None:
+                return
+            rec = self.store.read(self.current)
+            if rec["state"] == "running":  # the trainer died without recording an outcome
+                reason = f"the trainer process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
+                self.store.update(self.current, state="failed", error=reason, finished_at=time.time())
+            self.proc, self.current = None, None
+            self._changed()
+        pending = [r for r in self.store.list() if r["state"] in ("interrupted", "queued")]
+        if not pending:
+            return
+        # interrupted jobs first (they were running), then FIFO
+        rec = sorted(pending, key=lambda r: (r["state"] != "interrupted", r["created_at"]))[0]
+        self._spawn(rec["job_id"])
+
+    def _spawn(self, job_id: str) -> None:
+        d = self.store.dir(job_id)
+        env = dict(self.env)
+        if env.get("SPO_TRAIN_DEVICE"):
+            env["SPO_DEVICE"] = env["SPO_TRAIN_DEVICE"]
+        self.store.update(job_id, state="running", started_at=time.time(), error=None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spo_runtime", "train-job", str(d), "--adapter-dir", str(self.store.adapter_dir)],
+            env=env, stdout=open(d / "trainer.log", "ab"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+        )
+        self.current = job_id
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change:
+            with contextlib.suppress(Exception):
+                self.on_change(self.counts())
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in STATES}
+        for r in self.store.list():
+            out[r["state"]] = out.get(r["state"], 0) + 1
+        return out
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGTERM the trainer (it checkpoints at its round boundary) and wait for it."""
+        self._stop.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGKILL if the server process dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer process
+
+
+def run_job(job_dir: str | Path, adapter_dir: str | Path) -> int:
+    """Body of `python -m spo_runtime train-job DIR`: train, checkpoint, export, record the outcome."""
+    from .models import load_pipeline
+    from .settings import Settings
+    from .train import JobCancelled, SPOTrainer, TrainConfig
+
+    d = Path(job_dir)
+    store = JobStore(d.parent.parent, adapter_dir)
+    job_id = d.name
+    lock = open(d / ".lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"job {job_id} is already being trained by another process", file=sys.stderr)
+        return 3
+    stop = {"term": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
+    rec = store.read(job_id)
+    try:
+        cfg = TrainConfig.parse(rec["config"])
+        prompts = [p for p in (d / "prompts.txt").read_text().splitlines() if p.strip()]
+        # base weights in the job's precision (LoRA parameters stay fp32); "no": the preset's dtype
+        dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(cfg.mixed_precision)
+        pipe = load_pipeline(Settings.from_env(lora_fuse=False, dtype=dtype))
+        start = None
+        if rec.get("start_adapter"):
+            start = Path(adapter_dir) / rec["start_adapter"]
+        trainer = SPOTrainer(pipe, cfg, prompts, d / "run", start_adapter=start)
+        resumed = trainer.load_checkpoint()
+        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.round if resumed else None)
+        t_start, r_start = time.time(), trainer.round
+        pairs = {"kept": store.read(job_id).get("pairs_kept", 0) if resumed else 0}
+
+        def on_round(stats: dict) -> None:
+            from .metrics import default_metrics
+
+            default_metrics().train_round.observe(stats["seconds"])
+            pairs["kept"] += stats["pairs_kept"]
+            eta = (time.time() - t_start) / max(trainer.round - r_start, 1) * (trainer.total_rounds - trainer.round)
+            store.update(job_id, round=trainer.round, pairs_kept=pairs["kept"], loss=stats["loss"],
+                         clamp_share=stats["clamp_share"], kept_rate=stats["kept_rate"], eta_s=round(eta, 1),
+                         last_round_s=round(stats["seconds"], 3))
+
+        def should_stop() -> bool:
+            return stop["term"] or (d / "cancel").exists()
+
+        try:
+            trainer.train(should_stop=should_stop, on_round=on_round)
+        except JobCancelled:
+            if (d / "cancel").exists():
+                store.update(job_id, state="canceled", finished_at=time.time(), round=trainer.round)
+            else:
+                store.update(job_id, state="interrupted", round=trainer.round, interruptions=store.read(job_id).get("interruptions", 0) + 1)
+            return 0
+        out = trainer.export(Path(adapter_dir), store.read(job_id)["output_adapter"])
+        summary = _summary(d / "run" / "metrics.jsonl")
+        store.update(job_id, state="completed", finished_at=time.time(), round=trainer.round, result=out, metrics=summary)
+        return 0
+    except Exception as e:
+        oom = "out of memory" in str(e).lower()
+        store.update(job_id, state="failed", finished_at=time.time(),
+                     error=("out of memory: " if oom else "") + f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+        return 1
+    finally:
+        lock.close()
+
+
+def _summary(path: Path) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    return {
+        "rounds": len(rows),
+        "pairs_kept": sum(r["pairs_kept"] for r in rows),
+        "kept_rate": sum(r["kept_rate"] for r in rows) / len(rows) if rows else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "mean_round_s": sum(r["seconds"] for r in rows) / len(rows) if rows else None,
+    }

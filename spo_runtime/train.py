@@ -1,0 +1,494 @@
+"""SPO: step-by-step preference optimisation of a LoRA (Liang et al., arXiv 2406.04314), SDXL recipe.
+
+One round, top to bottom:
+  1. sample `prompts_per_round` prompts in a seeded order (resumable position);
+  2. roll out the current policy (UNet + trainable LoRA) with DDIM eta = 1 through the serving code
+     (`SpoPipeline.guided_eps` + `sampler.ddim_step`); steps with t > `train_t_max` once, untrained;
+  3. from t = 751 on, in chunks of `chunk` steps: branch k candidates from the shared latent, run each
+     `chunk - 1` more steps, score every candidate's predicted x0 (VAE-decoded) at the next branch
+     point with the preference model (t = 0 for the final latent), keep (best, worst) if
+     softmax([s_w, s_l]) gives p_w - p_l > `threshold`, record the chunk's transitions of both, and
+     continue from a uniformly random candidate;
+  4. DPO-style loss on the kept pairs: r = exp(log p_theta - log p_ref) of the DDIM transition,
+     clamped to [1 - clip, 1 + clip]; loss = -log sigmoid(beta * (log r_w - log r_l));
+     AdamW with gradient accumulation and clipping on the LoRA parameters only.
+Checkpoints (both LoRA layouts, optimiser, RNG, prompt position, config) are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import InvalidRequestError, SpoError
+from .lora_format import LoraFile, LoraModuleWeights, module_specs, save_lora_file
+from .models import SpoPipeline
+from .requests import validation_error
+from .sampler import ddim_step, ddim_transition_logprob, make_schedule
+from .state import write_json_atomic
+
+log = logging.getLogger("spo_runtime.train")
+
+TRAIN = "train"  # the trainable adapter's name inside the trainer's registry
+REF = "ref"  # the frozen starting adapter (reference model), when continuing one
+
+
+class TrainConfig(BaseModel):
+    """Every hyperparameter of a job; saved with every checkpoint. Defaults: the paper's SDXL recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # sampling (DDIM, eta 1, CFG with an empty negative prompt)
+    num_inference_steps: int = Field(20, ge=2, le=100)
+    guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
+    eta: float = Field(1.0, gt=0.0, le=1.0)
+    train_t_max: int = Field(751, ge=1, le=999)  # steps with t above this are sampled once, untrained
+    chunk: int = Field(4, ge=1, le=50)  # steps per branch chunk
+    k: int = Field(2, ge=2, le=16)  # candidates per branch point
+    threshold: float = Field(0.4, ge=0.0, lt=1.0)  # keep a pair if p_w - p_l exceeds this
+    width: int | None = None  # default: the preset's
+    height: int | None = None
+    # loss
+    beta: float = Field(10.0, gt=0.0)
+    ratio_clip: float = Field(0.1, gt=0.0, lt=1.0)
+    # LoRA
+    rank: int = Field(64, ge=1, le=512)
+    alpha: float = Field(64.0, gt=0.0)
+    targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]  # suffixes of UNet layer names
+    # optimiser
+    lr: float = Field(1e-5, gt=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    micro_batch: int = Field(2, ge=1, le=256)  # pairs per forward/backward
+    grad_accum: int = Field(2, ge=1, le=256)  # micro-batches per optimiser step
+    prompts_per_round: int = Field(2, ge=1, le=256)
+    epochs: float = Field(10.0, gt=0.0)  # passes over the prompt list
+    max_rounds: int | None = Field(None, ge=1)
+    seed: int = Field(42, ge=0)
+    # precision and memory
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # base weights' dtype; LoRA stays fp32
+    gradient_checkpointing: bool = False
+    # scoring
+    scorer: Literal["spm", "brightness", "darkness"] = "spm"
+    spm_path: str | None = None  # SPM checkpoint (.safetensors, or .bin read with weights_only)
+    # bookkeeping
+    checkpoint_every: int = Field(10, ge=1)  # rounds
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @classmethod
+    def parse(cls, data: dict) -> TrainConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = validation_error(e)
+            raise InvalidRequestError(f"config.{err.field}", str(err).split(": ", 1)[-1]) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The formulas (pure functions; tests hold them to hand computations)
+
+
+def select_pair(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scores (P, k) -> (winner index, loser index, keep mask), each (P,).
+
+    Winner/loser: highest/lowest score; keep when softmax([s_w, s_l]) gives p_w - p_l > threshold
+    (p_w - p_l = tanh((s_w - s_l) / 2)).
+    """
+    w = scores.argmax(dim=1)
+    l = scores.argmin(dim=1)
+    pair = torch.stack([scores.gather(1, w[:, None])[:, 0], scores.gather(1, l[:, None])[:, 0]], dim=1)
+    p = pair.float().softmax(dim=1)
+    keep = (p[:, 0] - p[:, 1]) > threshold
+    return w, l, keep
+
+
+def spo_loss(logp_w: torch.Tensor, ref_w: torch.Tensor, logp_l: torch.Tensor, ref_l: torch.Tensor, beta: float, clip: float):
+    """-log sigmoid(beta * (log r_w - log r_l)) with r = clamp(exp(logp - logp_ref), 1 - clip, 1 + clip).
+
+    Returns (loss per pair, share of the 2n ratios at the clamp).
+    """
+    r_w = torch.exp(logp_w - ref_w)
+    r_l = torch.exp(logp_l - ref_l)
+    clamped = ((r_w <= 1 - clip) | (r_w >= 1 + clip)).float().sum() + ((r_l <= 1 - clip) | (r_l >= 1 + clip)).float().sum()
+    r_w, r_l = r_w.clamp(1 - clip, 1 + clip), r_l.clamp(1 - clip, 1 + clip)
+    loss = -F.logsigmoid(beta * (torch.log(r_w) - torch.log(r_l)))
+    return loss, float(clamped) / (2 * len(loss))
+
+
+@dataclass
+class Transition:
+    """One step of one candidate trajectory: x_t -> x_prev at schedule index i, for prompt p."""
+
+    prompt: int
+    step: int
+    x_t: torch.Tensor  # (C, h, w)
+    x_prev: torch.Tensor
+
+
+@dataclass
+class Pair:
+    win: Transition
+    lose: Transition
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class JobCancelled(SpoError):
+    """The job was asked to stop at a round boundary."""
+
+
+class SPOTrainer:
+    """Runs SPO rounds on a pipeline (its own UNet copy, unfused), writing checkpoints to `out_dir`."""
+
+    def __init__(self, pipe: SpoPipeline, config: TrainConfig, prompts: list[str], out_dir: str | Path,
+                 scorer: Callable | None = None, start_adapter: str | Path | None = None, spm_tokenizer=None):
+        if not prompts:
+            raise InvalidRequestError("prompts", "must hold at least one prompt")
+        self.pipe = pipe
+        self.cfg = config
+        self.prompts = list(prompts)
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.schedule = make_schedule("ddim", config.num_inference_steps, pipe.noise)
+        self.first_branch = next((i for i, t in enumerate(self.schedule.timesteps) if t <= config.train_t_max), None)
+        if self.first_branch is None:
+            raise InvalidRequestError("config.train_t_max", f"no step has t <= {config.train_t_max}")
+        self.scorer = scorer or self._default_scorer(spm_tokenizer)
+        reg = pipe.registry
+        for name in list(reg.adapters):  # the trainer's own pipeline holds only what it trains against
+            pipe.unload_adapter(name)
+        self.policy_scales = {TRAIN: 1.0}
+        self.ref_scales: dict[str, float] = {}
+        start = reg.read(start_adapter) if start_adapter else None
+        if start is not None:
+            reg.load(REF, start, source=str(start_adapter))
+            self.ref_scales = {REF: 1.0}
+        self.params = self._init_lora(start)
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.adam_eps)
+        self.round = 0
+        self.position = 0  # prompts consumed in the seeded order
+        self.gen = torch.Generator("cpu").manual_seed(config.seed)  # every random draw of the job
+        self.total_rounds = config.max_rounds or max(1, math.ceil(config.epochs * len(prompts) / config.prompts_per_round))
+        if config.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _default_scorer(self, tokenizer):
+        from .preference import BrightnessScorer, SpmScorer, build_spm, load_spm_weights, spm_config, StepAwarePreferenceModel
+
+        if self.cfg.scorer == "brightness":
+            return BrightnessScorer(+1)
+        if self.cfg.scorer == "darkness":
+            return BrightnessScorer(-1)
+        preset = self.pipe.preset.name
+        if preset == "tiny":
+            cfg = spm_config("tiny")
+            cfg.text_config.vocab_size = len(self.pipe.tokenizers[0])  # the tiny tokenizer's ids
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                model = StepAwarePreferenceModel(cfg)
+            tokenizer = tokenizer or self.pipe.tokenizers[0]
+        else:
+            model = build_spm("sdxl-random" if preset == "sdxl-random" else "sdxl", device="cpu")
+            if tokenizer is None:
+                if preset == "sdxl-random":
+                    tokenizer = self.pipe.tokenizers[0]
+                else:
+                    from transformers import CLIPTokenizer
+
+                    tokenizer = CLIPTokenizer.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+        if self.cfg.spm_path:
+            load_spm_weights(model, self.cfg.spm_path)
+        elif preset == "sdxl-spo":
+            from .models import _hub_file
+
+            load_spm_weights(model, _hub_file("SPO-Diffusion-Models/Step-Aware_Preference_Models", "sdxl_step-aware_preference_model.bin"))
+        model = model.to(self.pipe.device, self.pipe.dtype if self.pipe.device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+        return SpmScorer(model, tokenizer)
+
+    def _init_lora(self, start: LoraFile | None) -> list[torch.nn.Parameter]:
+        """The trainable adapter: a copy of the starting adapter, or gaussian A (std 1/r) and zero B."""
+        specs = module_specs(self.pipe.unet)
+        if start is not None:
+            modules = {m: LoraModuleWeights(m, w.down.float().clone(), w.up.float().clone(), w.alpha) for m, w in start.modules.items()}
+        else:
+            g = torch.Generator().manual_seed(self.cfg.seed)
+            targets = tuple("." + t for t in self.cfg.targets)
+            chosen = [m for m in specs if m.endswith(targets)]
+            if not chosen:
+                raise InvalidRequestError("config.targets", f"no UNet layer ends with any of {self.cfg.targets}")
+            modules = {}
+            for m in chosen:
+                sp = specs[m]
+                k = sp.kernel_size if sp.kind == "conv" else ()
+                down = torch.randn(self.cfg.rank, sp.in_features, *k, generator=g) / self.cfg.rank
+                up = torch.zeros(sp.out_features, self.cfg.rank, *((1, 1) if k else ()))
+                modules[m] = LoraModuleWeights(m, down, up, self.cfg.alpha)
+        reg = self.pipe.registry
+        reg.load(TRAIN, LoraFile("diffusers", modules), source="trainer")
+        params = []
+        for m in modules:
+            layer = reg._layers[m]
+            down, up = layer.adapters[TRAIN]
+            d = torch.nn.Parameter(down.detach().float().clone())
+            u = torch.nn.Parameter(up.detach().float().clone())  # alpha / r folded in by the registry
+            layer.adapters[TRAIN] = (d, u)
+            params += [d, u]
+        return params
+
+    def lora_modules(self) -> dict[str, LoraModuleWeights]:
+        """The trained adapter (alpha / rank folded into up, so alpha = rank)."""
+        out = {}
+        for m in self.pipe.registry.get(TRAIN).modules:
+            d, u = self.pipe.registry._layers[m].adapters[TRAIN]
+            out[m] = LoraModuleWeights(m, d.detach().float().cpu().clone(), u.detach().float().cpu().clone(), float(d.shape[0]))
+        return out
+
+    # -- prompts -----------------------------------------------------------------------------
+
+    def next_prompts(self) -> list[str]:
+        """`prompts_per_round` prompts from a per-epoch seeded permutation; resumable by position."""
+        out = []
+        n = len(self.prompts)
+        for _ in range(self.cfg.prompts_per_round):
+            epoch, i = divmod(self.position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()
+            out.append(self.prompts[order[i]])
+            self.position += 1
+        return out
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def _states(self, prompts: list[str], seeds: list[int]):
+        reqs = [dict(prompt=p, seed=s, num_inference_steps=self.cfg.num_inference_steps, guidance_scale=self.cfg.guidance_scale,
+                     eta=self.cfg.eta, width=self.cfg.width, height=self.cfg.height, lora_scale=0.0) for p, s in zip(prompts, seeds)]
+        return self.pipe.prepare([{k: v for k, v in r.items() if v is not None} for r in reqs])
+
+    def _eps(self, x: torch.Tensor, step: torch.Tensor, cond: dict, scales: dict[str, float]) -> torch.Tensor:
+        t = self.schedule.timesteps[step].to(x.device)
+        return self.pipe.guided_eps(x, t, cond, [scales] * len(x))
+
+    def _ddim(self, x, eps, step: torch.Tensor, noise=None):
+        return ddim_step(x, eps, self.schedule.alpha_t[step], self.schedule.alpha_prev[step], torch.full((len(x),), self.cfg.eta), noise)
+
+    def _noise(self, shape, dtype) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen, dtype=torch.float32).to(self.pipe.device, dtype)
+
+    def _score(self, x0_latents: torch.Tensor, prompts: list[str], t: float) -> torch.Tensor:
+        """Preference scores of VAE-decoded latents (images in [-1, 1]) at timestep t."""
+        vae = self.pipe.vae
+        img = vae.decode(x0_latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].float()
+        ts = torch.full((len(prompts),), float(t), device=img.device)
+        return self.scorer(img, prompts, ts).float().cpu()
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> tuple[list[Pair], dict]:
+        """Sample every prompt with branching; return the kept pairs and round statistics."""
+        P, k, n = len(prompts), self.cfg.k, self.cfg.num_inference_steps
+        seeds = torch.randint(0, 2**31 - 1, (P,), generator=self.gen).tolist()
+        states = self._states(prompts, seeds)
+        # clone: embeddings made under inference_mode cannot be saved for backward
+        cond = {key: v.clone() for key, v in self.pipe.conditioning(states).items()}
+        x = torch.cat([s.latents for s in states]).clone()  # (P, C, h, w): shared x_T
+        for i in range(self.first_branch):  # untrained early steps
+            step = torch.full((P,), i)
+            x, _, _, _ = self._ddim(x, self._eps(x, step, cond, self.policy_scales), step, self._noise(x.shape, x.dtype))
+        rep = torch.arange(P).repeat_interleave(k)  # candidate row r belongs to prompt rep[r]
+        cond_k = {key: v.index_select(0, rep.to(v.device)) for key, v in cond.items()}
+        step_b = self.first_branch
+        eps = self._eps(x, torch.full((P,), step_b), cond, self.policy_scales)
+        pairs: list[Pair] = []
+        kept = total = 0
+        win_scores, lose_scores = [], []
+        while step_b < n:
+            # branch: k candidates from each shared latent, same DDIM mean, independent noise
+            s_b = torch.full((P,), step_b)
+            _, _, mean, std = self._ddim(x, eps, s_b)
+            X = mean.index_select(0, rep.to(mean.device)) + std.index_select(0, rep.to(std.device)) * self._noise((P * k, *x.shape[1:]), x.dtype)
+            traj = [(x.index_select(0, rep.to(x.device)), X, step_b)]
+            end = min(step_b + self.cfg.chunk, n)
+            for i in range(step_b + 1, end):
+                s_i = torch.full((P * k,), i)
+                X_new, _, _, _ = self._ddim(X, self._eps(X, s_i, cond_k, self.policy_scales), s_i, self._noise(X.shape, X.dtype))
+                traj.append((X, X_new, i))
+                X = X_new
+            if end < n:  # score the predicted x0 at the next branch point
+                s_e = torch.full((P * k,), end)
+                eps_k = self._eps(X, s_e, cond_k, self.policy_scales)
+                _, x0, _, _ = self._ddim(X, eps_k, s_e)
+                scores = self._score(x0, [prompts[r] for r in rep.tolist()], float(self.schedule.timesteps[end]))
+            else:  # the final clean latent, at t = 0
+                eps_k = None
+                scores = self._score(X, [prompts[r] for r in rep.tolist()], 0.0)
+            scores = scores.view(P, k)
+            w, l, keep = select_pair(scores, self.cfg.threshold)
+            total += P
+            for p in range(P):
+                if not keep[p]:
+                    continue
+                kept += 1
+                win_scores.append(float(scores[p, w[p]]))
+                lose_scores.append(float(scores[p, l[p]]))
+                rw, rl = p * k + int(w[p]), p * k + int(l[p])
+                for x_t, x_prev, i in traj:
+                    pairs.append(Pair(Transition(p, i, x_t[rw].detach().clone(), x_prev[rw].detach().clone()),
+                                      Transition(p, i, x_t[rl].detach().clone(), x_prev[rl].detach().clone())))
+            if end >= n:
+                break
+            # the next chunk starts from a uniformly random candidate (not the winner)
+            pick = torch.randint(0, k, (P,), generator=self.gen)
+            rows = (torch.arange(P) * k + pick).to(X.device)
+            x, eps = X.index_select(0, rows), eps_k.index_select(0, rows)
+            step_b = end
+        self._round_cond = cond
+        stats = {"pairs_kept": kept, "branch_points": total, "kept_rate": kept / max(total, 1), "transitions": len(pairs),
+                 "score_w": sum(win_scores) / len(win_scores) if win_scores else None,
+                 "score_l": sum(lose_scores) / len(lose_scores) if lose_scores else None}
+        return pairs, stats
+
+    # -- the loss ----------------------------------------------------------------------------
+
+    def _logprobs(self, trans: list[Transition], cond: dict, scales: dict[str, float]) -> torch.Tensor:
+        x_t = torch.stack([tr.x_t for tr in trans])
+        x_prev = torch.stack([tr.x_prev for tr in trans])
+        step = torch.tensor([tr.step for tr in trans])
+        idx = torch.tensor([tr.prompt for tr in trans], device=x_t.device)
+        c = {key: v.index_select(0, idx.to(v.device)) for key, v in cond.items()}
+        eps = self._eps(x_t, step, c, scales)
+        _, _, mean, std = self._ddim(x_t.float(), eps.float(), step)
+        return ddim_transition_logprob(x_prev.float(), mean, std)
+
+    def train_on(self, pairs: list[Pair], cond: dict) -> dict:
+        """Shuffle the pairs, micro-batches with gradient accumulation; returns loss statistics."""
+        if not pairs:
+            return {"loss": None, "clamp_share": None, "optimizer_steps": 0}
+        order = torch.randperm(len(pairs), generator=self.gen).tolist()
+        pairs = [pairs[i] for i in order]
+        mb = self.cfg.micro_batch
+        batches = [pairs[i : i + mb] for i in range(0, len(pairs), mb)]
+        losses, clamps, steps = [], [], 0
+        unet = self.pipe.unet
+        if self.cfg.gradient_checkpointing:
+            unet.train()
+        try:
+            for j, batch in enumerate(batches):
+                trans = [p.win for p in batch] + [p.lose for p in batch]
+                with torch.no_grad():
+                    ref = self._logprobs(trans, cond, self.ref_scales)
+                logp = self._logprobs(trans, cond, self.policy_scales)
+                m = len(batch)
+                loss, clamp = spo_loss(logp[:m], ref[:m], logp[m:], ref[m:], self.cfg.beta, self.cfg.ratio_clip)
+                (loss.mean() / self.cfg.grad_accum).backward()
+                losses.append(float(loss.detach().mean()))
+                clamps.append(clamp)
+                if (j + 1) % self.cfg.grad_accum == 0 or j == len(batches) - 1:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
+                    steps += 1
+        finally:
+            unet.eval()
+        return {"loss": sum(losses) / len(losses), "clamp_share": sum(clamps) / len(clamps), "optimizer_steps": steps}
+
+    def run_round(self) -> dict:
+        t0 = time.perf_counter()
+        prompts = self.next_prompts()
+        pairs, stats = self.rollout(prompts)
+        stats.update(self.train_on(pairs, self._round_cond))
+        self.round += 1
+        stats.update({"round": self.round, "seconds": time.perf_counter() - t0, "position": self.position})
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(stats) + "\n")
+        return stats
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """checkpoints/round-N/ written as a temp dir then renamed; `latest.json` replaced atomically."""
+        root = self.out / "checkpoints"
+        final = root / f"round-{self.round:06d}"
+        tmp = root / f".round-{self.round:06d}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        modules = self.lora_modules()
+        meta = {"config": self.cfg.model_dump_json(), "round": str(self.round)}
+        hashes = {
+            "diffusers": save_lora_file(tmp / "lora_diffusers.safetensors", modules, "diffusers", metadata=meta),
+            "webui": save_lora_file(tmp / "lora_webui.safetensors", modules, "webui", metadata=meta),
+        }
+        state = {
+            "optimizer": self.opt.state_dict(),
+            "torch_rng": self.gen.get_state(),
+            "round": self.round,
+            "position": self.position,
+        }
+        torch.save(state, tmp / "train_state.pt")
+        (tmp / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+        (tmp / "hashes.json").write_text(json.dumps(hashes))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_json_atomic(root / "latest.json", {"round": self.round, "dir": final.name, "hashes": hashes})
+        for old in sorted(root.glob("round-*"))[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self) -> bool:
+        """Resume from checkpoints/latest.json if present; returns whether it resumed."""
+        latest = self.out / "checkpoints" / "latest.json"
+        if not latest.exists():
+            return False
+        d = self.out / "checkpoints" / json.loads(latest.read_text())["dir"]
+        from safetensors.torch import load_file
+
+        sd = load_file(str(d / "lora_diffusers.safetensors"))
+        for m in self.pipe.registry.get(TRAIN).modules:
+            down, up = self.pipe.registry._layers[m].adapters[TRAIN]
+            down.data.copy_(sd[f"unet.{m}.lora.down.weight"])
+            up.data.copy_(sd[f"unet.{m}.lora.up.weight"])
+        state = torch.load(d / "train_state.pt", weights_only=True, map_location="cpu")
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["torch_rng"])
+        self.round, self.position = int(state["round"]), int(state["position"])
+        log.info("resumed from %s (round %d)", d, self.round)
+        return True
+
+    def export(self, adapter_dir: Path, name: str) -> dict:
+        """Write the trained adapter to `adapter_dir` in both layouts; returns relative paths and hashes."""
+        modules = self.lora_modules()
+        meta = {"config": self.cfg.model_dump_json(), "round": str(self.round)}
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        files, hashes = {}, {}
+        for layout in ("diffusers", "webui"):
+            rel = f"{name}_{layout}.safetensors"
+            hashes[layout] = save_lora_file(adapter_dir / rel, modules, layout, metadata=meta)
+            files[layout] = rel
+        return {"files": files, "sha256": hashes}
+
+    def train(self, should_stop: Callable[[], bool] = lambda: False, on_round: Callable[[dict], None] | None = None) -> dict:
+        """Rounds until the schedule ends or `should_stop()` (checked at round boundaries)."""
+        last = {}
+        while self.round < self.total_rounds:
+            if should_stop():
+                self.save_checkpoint()
+                raise JobCancelled(f"stopped at round {self.round}")
+            last = self.run_round()
+            if on_round:
+                on_round(last)
+            if self.round % self.cfg.checkpoint_every == 0 or self.round == self.total_rounds:
+                self.save_checkpoint()
+        return last
