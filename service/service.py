@@ -147,8 +147,10 @@ class SPOService:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         """Let a running trainer checkpoint at its round boundary, then stop the engine."""
-        if getattr(self, "supervisor", None) is not None:
-            self.supervisor.stop()
+        sup = getattr(self, "supervisor", None)
+        log.info("shutting down (trainer running: %s)", bool(sup and sup.proc and sup.proc.poll() is None))
+        if sup is not None:
+            sup.stop()
         if self.engine is not None:
             self.engine.stop()
 

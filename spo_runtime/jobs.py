@@ -139,6 +139,7 @@ class Supervisor:
         self.owner = False
         self._lock_fh = None
         self._stop = threading.Event()
+        self._stopping = False
         self.on_change = on_change
         self.thread = threading.Thread(target=self._loop, name="spo-jobs", daemon=True)
 
@@ -186,6 +187,8 @@ class Supervisor:
                 self.store.update(self.current, state="failed", error=reason, finished_at=time.time())
             self.proc, self.current = None, None
             self._changed()
+        if self._stopping:
+            return
         pending = [r for r in self.store.list() if r["state"] in ("interrupted", "queued")]
         if not pending:
             return
@@ -202,6 +205,7 @@ class Supervisor:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spo_runtime", "train-job", str(d), "--adapter-dir", str(self.store.adapter_dir)],
             env=env, stdout=open(d / "trainer.log", "ab"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            start_new_session=True,  # signals to the server's process group reach it only through stop()
         )
         self.current = job_id
         self._changed()
@@ -218,14 +222,20 @@ class Supervisor:
         return out
 
     def stop(self, grace_s: float = 60.0) -> None:
-        """SIGTERM the trainer (it checkpoints at its round boundary) and wait for it."""
-        self._stop.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM the trainer (it checkpoints at its round boundary) and wait for it.
+
+        The supervisor thread must outlive the trainer: PR_SET_PDEATHSIG fires when the thread that
+        forked the child ends, so the loop stops only after the trainer has exited.
+        """
+        self._stopping = True  # no new trainer from here on
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(grace_s)
+                proc.wait(grace_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                proc.kill()
+        self._stop.set()
 
 
 def _die_with_parent() -> None:
@@ -234,7 +244,7 @@ def _die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
+    except (OSError, AttributeError):
         pass
 
 
@@ -258,7 +268,8 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path) -> int:
         print(f"job {job_id} is already being trained by another process", file=sys.stderr)
         return 3
     stop = {"term": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop at the next round boundary, after a checkpoint
+        signal.signal(sig, lambda *_: stop.update(term=True))
     rec = store.read(job_id)
     try:
         cfg = TrainConfig.parse(rec["config"])

@@ -53,12 +53,26 @@ class Server:
         raise TimeoutError(f"server not ready in {timeout}s; see {self.log_path}")
 
     def stop(self, sig=signal.SIGTERM) -> None:
+        """SIGTERM: graceful shutdown. SIGKILL: every process of the server at once (BentoML's workers
+        run in sessions of their own, so a process-group kill would miss them), as a crash would."""
+        import psutil
+
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+            tree = [self.proc.pid] + [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+            targets = tree if sig == signal.SIGKILL else [self.proc.pid]
+            for pid in targets:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
             try:
-                self.proc.wait(30)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                for pid in tree:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 self.proc.wait(10)
         if getattr(self, "log", None):
             self.log.close()
