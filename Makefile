@@ -32,5 +32,29 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m spo_runtime generate "a watercolor fox in a snowy forest" --seed 42 -o demo.png
 
+# Load test against a server that is already running (starts none): `make load URL=... USERS=... TIME=...`.
+# The request mix is set with locust options in LOCUST_ARGS, e.g. LOCUST_ARGS="--steps 10,20 --batch-share 0.2";
+# benchmarks/locustfile.py's docstring lists them. Reports: benchmarks/out/load*.
+URL ?= http://127.0.0.1:3000
+USERS ?= 8
+SPAWN ?= 2
+TIME ?= 60s
+LOCUST_ARGS ?=
+
+load: $(STAMP)
+	mkdir -p benchmarks/out
+	$(BIN)/locust -f benchmarks/locustfile.py -H $(URL) -u $(USERS) -r $(SPAWN) -t $(TIME) --headless \
+		--csv benchmarks/out/load --html benchmarks/out/load.html $(LOCUST_ARGS)
+
+# Wheels the GPU machine lacks (it has torch, transformers, peft, safetensors; not diffusers or pydantic),
+# for Python 3.12 x86-64; our package itself travels as source (PYTHONPATH=.).
+GPU_WHEELS := diffusers==0.42.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.7.0 \
+	typing-inspection==0.4.5 typing_extensions==4.16.0 importlib_metadata
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

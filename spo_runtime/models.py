@@ -438,12 +438,14 @@ class SpoPipeline:
             "guidance": torch.tensor([s.request.guidance_scale for s in states], dtype=torch.float32),
         }
 
-    def guided_eps(self, x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], scales: list[dict[str, float]]) -> torch.Tensor:
+    def guided_eps(self, x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], scales: list[dict[str, float]],
+                   keep_scales: bool = False) -> torch.Tensor:
         """One UNet call with classifier-free guidance per row (rows with guidance <= 1 run unguided).
 
         UNet batch: [uncond of the CFG rows] + [cond of every row], as diffusers' cat([uncond, cond]).
         `scales` holds each row's LoRA scales over the loaded adapters. Differentiable (the trainer
-        calls it with grad; serving calls it under inference_mode).
+        calls it with grad; serving calls it under inference_mode). `keep_scales` leaves the scales set
+        for a backward pass that recomputes the forward (gradient checkpointing); the caller clears them.
         """
         g = cond["guidance"]
         cfg = [i for i in range(len(g)) if float(g[i]) > 1.0]
@@ -461,7 +463,8 @@ class SpoPipeline:
             )[0]
         finally:
             self._last_adapters = list(self.registry.ctx.terms)
-            self.registry.clear_row_scales()
+            if not keep_scales:
+                self.registry.clear_row_scales()
         n = len(cfg)
         eps = pred[n:]
         if n:

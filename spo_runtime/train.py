@@ -279,9 +279,10 @@ class SPOTrainer:
                      eta=self.cfg.eta, width=self.cfg.width, height=self.cfg.height, lora_scale=0.0) for p, s in zip(prompts, seeds)]
         return self.pipe.prepare([{k: v for k, v in r.items() if v is not None} for r in reqs])
 
-    def _eps(self, x: torch.Tensor, step: torch.Tensor, cond: dict, scales: dict[str, float]) -> torch.Tensor:
+    def _eps(self, x: torch.Tensor, step: torch.Tensor, cond: dict, scales: dict[str, float], keep_scales: bool = False) -> torch.Tensor:
         t = self.schedule.timesteps[step].to(x.device)
-        return self.pipe.guided_eps(x, t, cond, [scales] * len(x))
+        # latents stay fp32 along the trajectory; the UNet runs in the pipeline's dtype
+        return self.pipe.guided_eps(x.to(self.pipe.dtype), t, cond, [scales] * len(x), keep_scales=keep_scales)
 
     def _ddim(self, x, eps, step: torch.Tensor, noise=None):
         return ddim_step(x, eps, self.schedule.alpha_t[step], self.schedule.alpha_prev[step], torch.full((len(x),), self.cfg.eta), noise)
@@ -363,13 +364,13 @@ class SPOTrainer:
 
     # -- the loss ----------------------------------------------------------------------------
 
-    def _logprobs(self, trans: list[Transition], cond: dict, scales: dict[str, float]) -> torch.Tensor:
+    def _logprobs(self, trans: list[Transition], cond: dict, scales: dict[str, float], keep_scales: bool = False) -> torch.Tensor:
         x_t = torch.stack([tr.x_t for tr in trans])
         x_prev = torch.stack([tr.x_prev for tr in trans])
         step = torch.tensor([tr.step for tr in trans])
         idx = torch.tensor([tr.prompt for tr in trans], device=x_t.device)
         c = {key: v.index_select(0, idx.to(v.device)) for key, v in cond.items()}
-        eps = self._eps(x_t, step, c, scales)
+        eps = self._eps(x_t, step, c, scales, keep_scales)
         _, _, mean, std = self._ddim(x_t.float(), eps.float(), step)
         return ddim_transition_logprob(x_prev.float(), mean, std)
 
@@ -390,10 +391,12 @@ class SPOTrainer:
                 trans = [p.win for p in batch] + [p.lose for p in batch]
                 with torch.no_grad():
                     ref = self._logprobs(trans, cond, self.ref_scales)
-                logp = self._logprobs(trans, cond, self.policy_scales)
+                # the policy's scales stay set through backward: checkpointing recomputes the forward
+                logp = self._logprobs(trans, cond, self.policy_scales, keep_scales=True)
                 m = len(batch)
                 loss, clamp = spo_loss(logp[:m], ref[:m], logp[m:], ref[m:], self.cfg.beta, self.cfg.ratio_clip)
                 (loss.mean() / self.cfg.grad_accum).backward()
+                self.pipe.registry.clear_row_scales()
                 losses.append(float(loss.detach().mean()))
                 clamps.append(clamp)
                 if (j + 1) % self.cfg.grad_accum == 0 or j == len(batches) - 1:
@@ -402,6 +405,7 @@ class SPOTrainer:
                     self.opt.zero_grad(set_to_none=True)
                     steps += 1
         finally:
+            self.pipe.registry.clear_row_scales()
             unet.eval()
         return {"loss": sum(losses) / len(losses), "clamp_share": sum(clamps) / len(clamps), "optimizer_steps": steps}
 
