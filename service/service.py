@@ -138,6 +138,9 @@ class SPOService:
             self.supervisor = Supervisor(self.jobs, on_change=lambda c: [metrics.train_jobs.labels(k).set(v) for k, v in c.items()]).start()
             t0 = time.perf_counter()
             self.engine.generate_sync([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2}])
+            if settings.compile:  # also compile the residual-LoRA graph before the first request needs it
+                self.engine.generate_sync([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2,
+                                            "lora_scale": 0.5 if self.pipe.default_lora_scale != 0.5 else 0.25}])
             log.info("warm-up image in %.2fs; ready", time.perf_counter() - t0)
             self.ready = True
         except Exception as e:  # keep the process up and say why on /livez and /readyz

@@ -301,6 +301,9 @@ class SpoPipeline:
             self.default_adapter = DEFAULT_ADAPTER
             if settings.lora_fuse:
                 self.registry.fuse(DEFAULT_ADAPTER, self.default_lora_scale)
+        if settings.compile:
+            # static shapes; the LoRA layers stay inside the graph (their scales are inputs)
+            self.unet = torch.compile(self.unet, dynamic=False)
 
     def _set_attention(self, backend: str) -> None:
         if backend == "xformers":

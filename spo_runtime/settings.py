@@ -27,6 +27,7 @@ class Settings(BaseModel):
     adapter_memory_mb: float | None = Field(None, gt=0)  # SPO_ADAPTER_MEMORY_MB: cap on loaded adapters
     embed_cache_size: int = Field(512, ge=0)  # SPO_EMBED_CACHE: prompt embeddings kept (LRU)
     torch_threads: int | None = Field(None, ge=1)  # SPO_TORCH_THREADS
+    compile: bool = False  # SPO_COMPILE: torch.compile the UNet (minutes of warm-up; see RESULTS.md)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
@@ -36,7 +37,7 @@ class Settings(BaseModel):
         for name in cls.model_fields:
             raw = env.get(f"SPO_{name.upper()}")
             if raw is not None and raw != "":
-                values[name] = _parse_bool(raw) if name == "lora_fuse" else raw
+                values[name] = _parse_bool(raw) if name in ("lora_fuse", "compile") else raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)
