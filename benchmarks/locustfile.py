@@ -1,0 +1,242 @@
+"""Load test for a running spo-serve: a realistic mix of /generate, /generate_batch and (opt-in) admin calls.
+
+    locust -f benchmarks/locustfile.py -H http://127.0.0.1:3000 -u 8 -r 2 -t 60s --headless \
+        --csv benchmarks/out/load --html benchmarks/out/load.html
+    make load URL=http://127.0.0.1:3000 USERS=8 TIME=60s     # the same, from the Makefile
+
+The mix is set by options, never by editing this file (locust 2.x's --help prints before it imports this
+file, so it does not list them; they are all here):
+
+    --steps 10,20,30                         step counts, drawn uniformly
+    --schedulers ddim,euler,dpmpp_2m_karras  schedulers, drawn uniformly
+    --guidance 5                             guidance scales, drawn uniformly
+    --lora-share 0.5 --lora-max 1.5          share of requests sending lora_scale (uniform in 0..max);
+                                             the others send none and get the server's default
+    --batch-share 0.1 --batch-n 2,4          share of /generate_batch calls and their n (uniform in min..max)
+    --width W --height H                     image size; 0 (default) sends none: the server's default
+    --format png --timeout-s 0               image format; server-side deadline (0: none sent)
+    --prompts-file PATH                      one prompt per line (default benchmarks/prompts.txt)
+    --wait 0.5,2                             think time per user between calls, seconds (min,max)
+    --mix-seed N                             make each user's random draws reproducible
+    --admin-token T --admin-share 0.02       POST /admin/lora_scale with 'Authorization: Bearer T' in that share
+                                             of calls; off without a token. The default scale found at the
+                                             start is restored at the end (--no-admin-restore to keep it)
+
+Failures are grouped by kind, so locust's failure table (and *_failures.csv) tells overload from errors:
+"429 queue full", "503 unavailable", "504 deadline", "connection error: ...", "<status> <error message>",
+"bad body: ...".
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from pathlib import Path
+
+from locust import HttpUser, between, events, task
+from locust.runners import WorkerRunner
+
+log = logging.getLogger("spo_load")
+HERE = Path(__file__).resolve().parent
+SCHEDULERS = ("ddim", "euler", "dpmpp_2m_karras")
+_user_ids = itertools.count()
+_prompts: list[str] = []
+_admin_initial: dict = {}
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser):
+    g = parser  # not an argument group: only the parser itself takes locust's is_secret / include_in_web_ui
+    g.add_argument("--prompts-file", type=str, default=str(HERE / "prompts.txt"), help="one prompt per line")
+    g.add_argument("--steps", type=str, default="10,20,30", help="comma-separated num_inference_steps, drawn uniformly")
+    g.add_argument("--schedulers", type=str, default=",".join(SCHEDULERS), help="comma-separated schedulers")
+    g.add_argument("--guidance", type=str, default="5", help="comma-separated guidance scales")
+    g.add_argument("--lora-share", type=float, default=0.5, help="share of requests that send a lora_scale")
+    g.add_argument("--lora-max", type=float, default=1.5, help="lora_scale is uniform in 0..this")
+    g.add_argument("--batch-share", type=float, default=0.1, help="share of calls that go to /generate_batch")
+    g.add_argument("--batch-n", type=str, default="2,4", help="n of /generate_batch: min,max")
+    g.add_argument("--width", type=int, default=0, help="image width; 0 lets the server pick")
+    g.add_argument("--height", type=int, default=0, help="image height; 0 lets the server pick")
+    g.add_argument("--format", type=str, default="png", choices=["png", "jpeg", "webp"], help="image format")
+    g.add_argument("--timeout-s", type=float, default=0.0, help="server-side deadline timeout_s; 0 sends none")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="client-side HTTP timeout, seconds")
+    g.add_argument("--wait", type=str, default="0.5,2", help="think time between calls: min,max seconds")
+    g.add_argument("--mix-seed", type=int, default=None, help="seed the random mix (per user) for reproducibility")
+    g.add_argument("--admin-token", type=str, default="", is_secret=True,
+                   help="bearer token for POST /admin/lora_scale; admin calls are off without it")
+    g.add_argument("--admin-share", type=float, default=0.02, help="share of calls that change the default LoRA scale")
+    g.add_argument("--no-admin-restore", action="store_true", default=False,
+                   help="keep the last default LoRA scale set by the test instead of restoring the initial one")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in str(text).split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def _load_prompts(path: str) -> list[str]:
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line expected)")
+    return prompts
+
+
+@events.init.add_listener
+def _on_init(environment, **_):
+    opts = environment.parsed_options
+    if opts is None:  # imported by a tool, not run by locust
+        return
+    _prompts[:] = _load_prompts(opts.prompts_file)
+    # fail early, before any user starts, on a malformed mix
+    for name, parse in (("steps", _ints), ("guidance", _floats), ("batch_n", _ints), ("wait", _floats)):
+        if not parse(getattr(opts, name)):
+            raise ValueError(f"--{name.replace('_', '-')}: empty")
+    unknown = set(opts.schedulers.split(",")) - set(SCHEDULERS)
+    if unknown:
+        raise ValueError(f"--schedulers: unknown {sorted(unknown)}; known {list(SCHEDULERS)}")
+
+
+def _admin_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@events.test_start.add_listener
+def _remember_scale(environment, **_):
+    opts = environment.parsed_options
+    if not opts or not opts.admin_token or opts.no_admin_restore or isinstance(environment.runner, WorkerRunner):
+        return
+    import requests
+
+    try:
+        r = requests.get(environment.host.rstrip("/") + "/admin/adapters", headers=_admin_headers(opts.admin_token), timeout=10)
+        r.raise_for_status()
+        _admin_initial["scale"] = float(r.json()["default_lora_scale"])
+    except Exception as e:  # the load test still runs; only the restore is skipped
+        log.warning("could not read the default LoRA scale (%s); it will not be restored", e)
+
+
+@events.test_stop.add_listener
+def _restore_scale(environment, **_):
+    opts = environment.parsed_options
+    if "scale" not in _admin_initial or isinstance(environment.runner, WorkerRunner):
+        return
+    import requests
+
+    try:
+        r = requests.post(environment.host.rstrip("/") + "/admin/lora_scale", json={"scale": _admin_initial["scale"]},
+                          headers=_admin_headers(opts.admin_token), timeout=30)
+        r.raise_for_status()
+        log.info("default LoRA scale restored to %s", _admin_initial["scale"])
+    except Exception as e:
+        log.warning("could not restore the default LoRA scale to %s: %s", _admin_initial["scale"], e)
+
+
+def _classify(resp) -> str | None:
+    """None when the status is 200, else the failure kind locust groups by."""
+    code = resp.status_code
+    if code == 200:
+        return None
+    if code == 429:
+        return "429 queue full"
+    if code == 503:
+        return "503 unavailable"
+    if code == 504:
+        return "504 deadline"
+    if code == 0:
+        return f"connection error: {type(resp.error).__name__}" if resp.error is not None else "connection error"
+    try:
+        message = str(resp.json().get("error", ""))[:120]
+    except (ValueError, AttributeError):
+        message = (resp.text or "")[:120]
+    return f"{code} {message}".strip()
+
+
+class SPOUser(HttpUser):
+    """One client: mostly single images, some batches, rare admin scale changes (with a token only)."""
+
+    wait_time = between(0.5, 2.0)  # replaced by --wait in on_start
+
+    def on_start(self) -> None:
+        o = self.environment.parsed_options
+        self.o = o
+        uid = next(_user_ids)
+        self.rng = random.Random(None if o.mix_seed is None else o.mix_seed * 100_003 + uid)
+        lo, hi = (_floats(o.wait) * 2)[:2]
+        self.wait_time = lambda: self.rng.uniform(min(lo, hi), max(lo, hi))
+        self.steps = _ints(o.steps)
+        self.schedulers = [s.strip() for s in o.schedulers.split(",") if s.strip()]
+        self.guidance = _floats(o.guidance)
+        n = _ints(o.batch_n)
+        self.batch_n = (min(n), max(n))
+        self.prompts = _prompts or _load_prompts(o.prompts_file)
+
+    def _body(self) -> dict:
+        o, rng = self.o, self.rng
+        body = {
+            "prompt": rng.choice(self.prompts),
+            "seed": rng.randrange(0, 2**32 - 8),  # leaves room for /generate_batch's seed..seed+n-1
+            "num_inference_steps": rng.choice(self.steps),
+            "scheduler": rng.choice(self.schedulers),
+            "guidance_scale": rng.choice(self.guidance),
+            "format": o.format,
+        }
+        if rng.random() < o.lora_share:
+            body["lora_scale"] = round(rng.uniform(0.0, o.lora_max), 3)
+        if o.width:
+            body["width"] = o.width
+        if o.height:
+            body["height"] = o.height
+        if o.timeout_s > 0:
+            body["timeout_s"] = o.timeout_s
+        return body
+
+    @task
+    def mixed(self) -> None:
+        o, x = self.o, self.rng.random()
+        if o.admin_token and x < o.admin_share:
+            self.set_scale()
+        elif x < (o.admin_share if o.admin_token else 0.0) + o.batch_share:
+            self.generate_batch()
+        else:
+            self.generate()
+
+    def generate(self) -> None:
+        with self.client.post("/generate", json=self._body(), name="/generate", catch_response=True,
+                              timeout=self.o.request_timeout) as resp:
+            kind = _classify(resp)
+            if kind is None and not resp.headers.get("content-type", "").startswith("image/"):
+                kind = f"bad body: content-type {resp.headers.get('content-type')!r}"
+            resp.failure(kind) if kind else resp.success()
+
+    def generate_batch(self) -> None:
+        body = {**self._body(), "n": self.rng.randint(*self.batch_n)}
+        with self.client.post("/generate_batch", json=body, name="/generate_batch", catch_response=True,
+                              timeout=self.o.request_timeout) as resp:
+            kind = _classify(resp)
+            if kind is None:
+                try:
+                    got = len(resp.json()["images"])
+                    if got != body["n"]:
+                        kind = f"bad body: {got} images for n={body['n']}"
+                except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+                    kind = "bad body: not the batch JSON"
+            resp.failure(kind) if kind else resp.success()
+
+    def set_scale(self) -> None:
+        scale = round(self.rng.uniform(0.0, self.o.lora_max), 3)
+        with self.client.post("/admin/lora_scale", json={"scale": scale}, headers=_admin_headers(self.o.admin_token),
+                              name="/admin/lora_scale", catch_response=True, timeout=60) as resp:
+            kind = _classify(resp)
+            if kind is None:
+                try:
+                    if abs(float(resp.json()["scale"]) - scale) > 1e-9:
+                        kind = f"bad body: scale {resp.json()['scale']} != {scale}"
+                except (ValueError, KeyError, TypeError):
+                    kind = "bad body: not the scale JSON"
+            resp.failure(kind) if kind else resp.success()
