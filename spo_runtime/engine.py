@@ -387,7 +387,9 @@ class Engine:
         self._memory_metrics()
         done = [s for s in plan.running if s.row.done or s.status >= Status.FINISHED]
         if done:
-            self._finish([s for s in done if s.status < Status.FINISHED])
+            finished = [s for s in done if s.status < Status.FINISHED]  # failed rows are already answered
+            if finished:
+                self._finish(finished)
             with self._cv:
                 plan.running[:] = [s for s in plan.running if s not in done]
                 if not plan.running:

@@ -497,6 +497,8 @@ class SpoPipeline:
     @torch.inference_mode()
     def decode(self, states: list[RequestState]) -> list[GeneratedImage | NonFiniteError]:
         """VAE-decode finished rows together; a row with NaN/Inf gets a NonFiniteError, not an image."""
+        if not states:
+            return []
         t0 = time.perf_counter()
         lat = torch.cat([s.latents for s in states])
         bad = ~torch.isfinite(lat).flatten(1).all(dim=1)

@@ -160,11 +160,20 @@ def test_oom_splits_the_batch_then_fails_only_that_step(epipe, monkeypatch):
         for r, img in zip(reqs, out):
             assert max_pixel_diff(img.image, epipe.generate([r])[0].image) <= 1
         monkeypatch.setattr(epipe, "denoise", flaky)
+        # held at a boundary so both share a step: the OOM'd half fails alone, the other half goes on
+        import threading
+
+        gate = threading.Event()
+        held = eng.call(gate.wait)
+        calls.clear()
         bad = eng.submit([dict(prompt="a", seed=666, num_inference_steps=3)])
         good = eng.submit([dict(prompt="a", seed=5, num_inference_steps=3)])
+        gate.set()
+        held.result(10)
         with pytest.raises(EngineUnavailableError, match="out of device memory"):
             bad.future.result(60)
         assert len(good.future.result(60)) == 1  # the engine kept serving
+        assert calls[:3] == [2, 1, 1]  # one step of both, then the halves
     finally:
         eng.stop()
 
