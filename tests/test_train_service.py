@@ -106,6 +106,18 @@ def test_submit_poll_get_load_generate_and_cancel(dirs, tmp_path):
         assert ours.headers["x-adapter"] == "mine" and ours.headers["x-adapter-sha256"] == got["sha256"]["webui"][:16]
         assert np.abs(png(ours) - png(base)).max() > 0
 
+        # a job whose trainer fails (a broken starting adapter) is failed with its reason; serving goes on
+        from pathlib import Path
+
+        Path(dirs["SPO_ADAPTER_DIR"], "broken.safetensors").write_bytes(b"not a safetensors file")
+        bad = submit(s, config={**CONFIG, "max_rounds": 2}, start_adapter="broken.safetensors").json()
+        t0 = time.time()
+        while status(s, bad["job_id"])["state"] not in ("failed", "completed") and time.time() - t0 < 120:
+            time.sleep(0.3)
+        rec = status(s, bad["job_id"])
+        assert rec["state"] == "failed" and "LoraFormatError" in rec["error"], rec
+        assert httpx.post(s.url + "/generate", json={"prompt": "still here", "num_inference_steps": 2}).status_code == 200
+
         # cancel a second job: it stops at a round boundary and keeps its last checkpoint
         second = submit(s, config={**CONFIG, "max_rounds": 200}).json()
         wait_for(s, second["job_id"], lambda r: r["state"] == "running" and r["round"] >= 1)
@@ -114,7 +126,7 @@ def test_submit_poll_get_load_generate_and_cancel(dirs, tmp_path):
         ckpt = json.loads(open(f"{dirs['SPO_DATA_DIR']}/jobs/{second['job_id']}/run/checkpoints/latest.json").read())
         assert ckpt["round"] >= 1 and rec["round"] >= 1
         listed = httpx.get(s.url + "/train/list", headers=AUTH).json()
-        assert listed["counts"]["completed"] == 1 and listed["counts"]["canceled"] == 1
+        assert listed["counts"]["completed"] == 1 and listed["counts"]["canceled"] == 1 and listed["counts"]["failed"] == 1
         m = s.metrics()
         assert m['spo_train_jobs{state="completed"}'] == 1 and m.get("spo_train_round_seconds_count", 0) >= 3
 
