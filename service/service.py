@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
+import anyio
 import bentoml
 from PIL import Image
 from starlette.applications import Starlette
@@ -247,7 +248,8 @@ class SPOService:
             results, resp = await self._run(ctx, [request], timeout_s)
         if resp is None:
             r = results[0]
-            data = encode_image(r, format, quality)
+            # encoding a 1024x1024 PNG takes tens of ms: off the event loop
+            data = await anyio.to_thread.run_sync(encode_image, r, format, quality)
             resp = Response(data, media_type=FORMATS[format], headers=self._headers(rid, r))
         else:
             resp.headers["X-Request-Id"] = rid
@@ -297,9 +299,10 @@ class SPOService:
             results, resp = await self._run(ctx, [{**request, "seed": base + i} for i in range(n)], timeout_s)
         if resp is None:
             r0 = results[0]
+            encoded = await anyio.to_thread.run_sync(lambda: [encode_image(r, format, quality) for r in results])
             payload = {
-                "images": [{"seed": r.seed, "format": format, "image": base64.b64encode(encode_image(r, format, quality)).decode()}
-                           for r in results],
+                "images": [{"seed": r.seed, "format": format, "image": base64.b64encode(data).decode()}
+                           for r, data in zip(results, encoded)],
                 "seeds": [r.seed for r in results],
                 "lora_scale": r0.lora_scale, "adapter": r0.adapter, "adapter_sha256": (r0.adapter_sha256 or "")[:16],
                 "prompt_truncated": r0.prompt_truncated, "timings_ms": {k: round(v, 1) for k, v in r0.timings.items()},
