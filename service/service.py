@@ -363,8 +363,6 @@ def admin(handler):
 
 @admin
 async def set_scale(svc: SPOService, request: Request) -> Response:
-    import anyio
-
     body = parse_body(ScaleBody, await request.body())
     out = await anyio.to_thread.run_sync(svc.engine.set_default_lora_scale, body.scale)
     svc.state.mutate(lambda s: s.update(default_lora_scale=out["scale"]))
@@ -374,8 +372,6 @@ async def set_scale(svc: SPOService, request: Request) -> Response:
 
 @admin
 async def set_default_adapter(svc: SPOService, request: Request) -> Response:
-    import anyio
-
     body = parse_body(NameBody, await request.body())
     await anyio.to_thread.run_sync(svc.engine.set_default_adapter, body.name)
     svc.state.mutate(lambda s: s.update(default_adapter=body.name))
@@ -384,8 +380,6 @@ async def set_default_adapter(svc: SPOService, request: Request) -> Response:
 
 @admin
 async def load_adapter(svc: SPOService, request: Request) -> Response:
-    import anyio
-
     from spo_runtime.models import file_sha256
     from spo_runtime.requests import ADAPTER_NAME
     from spo_runtime.state import resolve_under
@@ -410,8 +404,6 @@ async def load_adapter(svc: SPOService, request: Request) -> Response:
 
 @admin
 async def unload_adapter(svc: SPOService, request: Request) -> Response:
-    import anyio
-
     body = parse_body(NameBody, await request.body())
     if body.name is None:
         return error_response(400, "name: required", "name")
