@@ -107,7 +107,6 @@ class Job:
     future: concurrent.futures.Future
     t_submit: float = field(default_factory=time.perf_counter)
     results: list[GeneratedImage | None] = field(default_factory=list)
-    states: list[RequestState] = field(default_factory=list)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -397,26 +396,33 @@ class Engine:
         self.metrics.running.set(sum(len(g) for g in self._running.values()))
 
     def _admit(self, plan: StepPlan) -> None:
-        by_job: dict[Job, list[int]] = {}
-        for job, i in plan.admit:
-            by_job.setdefault(job, []).append(i)
-        for job, idx in by_job.items():
-            try:
-                states = self.pipe.prepare([job.requests[i] for i in idx])
-            except SpoError as e:  # e.g. the adapter was unloaded while it waited
-                self._fail_job(job, e)
-                continue
-            now = time.perf_counter()
-            for i, s in zip(idx, states):
-                s.tag = (job, i)
-                s.t_submit = job.t_submit
-                s.t_start = now
-                s.status = Status.RUNNING
-                s.timings["queue_ms"] = (now - job.t_submit) * 1e3
-                self.metrics.queue_wait.observe(now - job.t_submit)
-                self.metrics.encode.observe(s.timings.get("encode_ms", 0.0) / 1e3)
-                job.states.append(s)
-                plan.running.append(s)
+        """Prepare every admitted request in one call (one batched text encoding). If that fails
+        (e.g. an adapter was unloaded while a request waited), prepare job by job so only the
+        offending job fails."""
+        try:
+            prepared = list(zip(plan.admit, self.pipe.prepare([job.requests[i] for job, i in plan.admit])))
+        except SpoError:
+            prepared = []
+            by_job: dict[Job, list[int]] = {}
+            for job, i in plan.admit:
+                by_job.setdefault(job, []).append(i)
+            for job, idx in by_job.items():
+                try:
+                    states = self.pipe.prepare([job.requests[i] for i in idx])
+                except SpoError as e:
+                    self._fail_job(job, e)
+                    continue
+                prepared += [((job, i), s) for i, s in zip(idx, states)]
+        now = time.perf_counter()
+        for (job, i), s in prepared:
+            s.tag = (job, i)
+            s.t_submit = job.t_submit
+            s.t_start = now
+            s.status = Status.RUNNING
+            s.timings["queue_ms"] = (now - job.t_submit) * 1e3
+            self.metrics.queue_wait.observe(now - job.t_submit)
+            self.metrics.encode.observe(s.timings.get("encode_ms", 0.0) / 1e3)
+            plan.running.append(s)
 
     def _denoise(self, states: list[RequestState]) -> None:
         """One step; on out-of-memory retry with the batch split in half before failing anything."""

@@ -194,3 +194,34 @@ def test_scale_change_applies_to_later_admissions_and_unload_in_use(epipe):
     finally:
         eng.set_default_lora_scale(1.0)
         eng.stop()
+
+
+def test_admitted_jobs_share_one_text_encoding_and_a_bad_one_fails_alone(epipe, monkeypatch):
+    import threading
+
+    from spo_runtime import AdapterNotFoundError
+
+    calls = []
+    real = epipe._encode_texts
+    monkeypatch.setattr(epipe, "_encode_texts", lambda texts: calls.append(list(texts)) or real(texts))
+    eng = make_engine(epipe)
+    try:
+        gate = threading.Event()
+        held = eng.call(gate.wait)  # hold the loop at a boundary so all three are admitted together
+        jobs = [eng.submit([dict(prompt=f"a unique prompt {i}", seed=i, num_inference_steps=2)]) for i in range(3)]
+        gate.set()
+        held.result(10)
+        for j in jobs:
+            j.future.result(60)
+        assert [c for c in calls if any("unique prompt" in t for t in c)] == [[f"a unique prompt {i}" for i in range(3)]]
+        gate.clear()
+        held = eng.call(gate.wait)
+        bad = eng.submit([dict(prompt="x", adapter="not-loaded", num_inference_steps=2)])
+        good = eng.submit([dict(prompt="y", seed=1, num_inference_steps=2)])
+        gate.set()
+        held.result(10)
+        with pytest.raises(AdapterNotFoundError):
+            bad.future.result(60)
+        assert len(good.future.result(60)) == 1
+    finally:
+        eng.stop()
