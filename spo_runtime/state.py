@@ -104,8 +104,20 @@ class StateSync:
         self.on_change = on_change
         self.preset_adapters = set(pipe.registry.adapters)  # loaded by the preset at start-up
         self.running_scales: Callable[[], list[dict[str, float]]] = lambda: []
+        self._seen: tuple | None = ()  # the state file's (mtime, size, inode) at the last poll
+        self._pending = False
 
     def poll(self) -> None:
+        """Called at every step boundary: a stat, and a read only when the file changed (or an
+        unload is still pending)."""
+        try:
+            st = self.state.path.stat()
+            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            seen = None
+        if seen == self._seen and not self._pending:
+            return
+        self._seen = seen
         if self.state.version() != self.applied_version:
             self.apply(self.state.read())
 
@@ -126,16 +138,17 @@ class StateSync:
                 log.error("adapter %r from the admin state not loaded: %s", name, e)
         wanted = set(s.get("adapters", {}))
         for name in list(reg.adapters):
-            removed = name in s.get("removed", []) if name in self.preset_adapters else name not in wanted
-            if removed and name not in wanted:
-                if any(row.get(name, 0.0) for row in self.running_scales()):
-                    pending = True  # in use here: unload at a later boundary
-                    continue
-                self.pipe.unload_adapter(name)
+            if name in wanted or (name in self.preset_adapters and name not in s.get("removed", [])):
+                continue
+            if any(row.get(name, 0.0) for row in self.running_scales()):
+                pending = True  # in use here: unload at a later boundary
+                continue
+            self.pipe.unload_adapter(name)
         if "default_lora_scale" in s:
             self.pipe.default_lora_scale = float(s["default_lora_scale"])
         if "default_adapter" in s and (s["default_adapter"] is None or s["default_adapter"] in reg.adapters):
             self.pipe.default_adapter = s["default_adapter"]
+        self._pending = pending
         if not pending:
             self.applied_version = s.get("version", 0)
         self.report()
