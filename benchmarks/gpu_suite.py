@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -189,10 +188,8 @@ def compile_section(pipe, args, steps, size) -> dict:
     out["compile_s"] = time.perf_counter() - t0
     out["b1"] = run_ours(pipe, 1, [pipe.default_lora_scale], steps, size, args.repeats)
     graphs_before = counters["stats"]["unique_graphs"]
-    t0 = time.perf_counter()
     swap = pipe.set_default_lora_scale(0.5)
     out["scale_swap_ms"] = swap["swap_ms"]
-    out["first_call_after_swap_s"] = None
     t1 = time.perf_counter()
     run_ours(pipe, 1, [0.5], 2, size, 0)
     out["first_call_after_swap_s"] = time.perf_counter() - t1
@@ -208,7 +205,7 @@ def compile_section(pipe, args, steps, size) -> dict:
 
 def train_section(args, steps, size) -> dict:
     """Seconds per SPO round and peak memory, gradient checkpointing on, then off (OOM recorded)."""
-    from spo_runtime import Settings, load_pipeline
+    from spo_runtime import load_pipeline
     from spo_runtime.train import SPOTrainer, TrainConfig
 
     out = {}
@@ -311,7 +308,6 @@ def main() -> None:
         row["floor_share"] = floor_share(row, tflops, args.smoke)
         row["scales"] = mixed
         out[f"b{b}_mixed"] = row
-        t0 = time.perf_counter()
         swap = pipe.set_default_lora_scale(0.8)
         out["scale_swap_ms"] = swap["swap_ms"]
         pipe.set_default_lora_scale(1.0)

@@ -380,7 +380,6 @@ async def set_default_adapter(svc: SPOService, request: Request) -> Response:
 
 @admin
 async def load_adapter(svc: SPOService, request: Request) -> Response:
-    from spo_runtime.models import file_sha256
     from spo_runtime.requests import ADAPTER_NAME
     from spo_runtime.state import resolve_under
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from . import tiny
-from .errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError, NonFiniteError
+from .errors import AdapterNotFoundError, ModelLoadError, NonFiniteError
 from .lora import LoraRegistry
 from .lora_format import LoraFile, LoraModuleWeights, lora_state_dict, save_lora_file
 from .requests import MAX_SEED, GeneratedImage, GenerationRequest, RequestState, Status

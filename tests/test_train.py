@@ -11,7 +11,7 @@ from conftest import max_pixel_diff
 from spo_runtime import InvalidRequestError, Settings, load_pipeline
 from spo_runtime.lora_format import read_lora_file, module_specs
 from spo_runtime.sampler import NoiseSchedule, make_schedule
-from spo_runtime.train import Pair, SPOTrainer, TrainConfig, Transition, select_pair, spo_loss
+from spo_runtime.train import SPOTrainer, TrainConfig, select_pair, spo_loss
 
 PROMPTS = ["a fox", "a castle", "an owl", "a city at night", "a red car", "a portrait"]
 # A fast probe: 32x32, 10 DDIM steps, a branch at every step, LoRA on attention, feed-forward and convs.
