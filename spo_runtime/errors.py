@@ -58,3 +58,11 @@ class NonFiniteError(SpoError, FloatingPointError):
 
 class ModelLoadError(SpoError):
     """The model or one of its sources could not be loaded."""
+
+
+def is_oom(e: BaseException) -> bool:
+    """True when `e` is a device (or host allocator) out-of-memory error: the one test, shared by the
+    engine's batch halving and the training job's failure reason."""
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
