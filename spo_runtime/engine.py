@@ -63,37 +63,22 @@ class EngineUnavailableError(SpoError):
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """The engine's limits. Built from the service's Settings; each field names its variable."""
+
     max_batch: int = 8  # SPO_MAX_BATCH: images per UNet call
     max_queue: int = 64  # SPO_MAX_QUEUE: waiting images before 429
     request_timeout_s: float = 300.0  # SPO_REQUEST_TIMEOUT_S
     batching: Literal["step", "request"] = "step"  # SPO_BATCHING
 
-    @classmethod
-    def from_env(cls, env: dict[str, str]) -> EngineConfig:
-        def get(name, conv, default):
-            raw = env.get(name)
-            if raw in (None, ""):
-                return default
-            try:
-                return conv(raw)
-            except ValueError:
-                raise InvalidRequestError(name, f"cannot parse {raw!r}") from None
-
-        cfg = cls(
-            max_batch=get("SPO_MAX_BATCH", int, cls.max_batch),
-            max_queue=get("SPO_MAX_QUEUE", int, cls.max_queue),
-            request_timeout_s=get("SPO_REQUEST_TIMEOUT_S", float, cls.request_timeout_s),
-            batching=get("SPO_BATCHING", str, cls.batching),
-        )
-        if cfg.max_batch < 1:
-            raise InvalidRequestError("SPO_MAX_BATCH", f"must be >= 1, got {cfg.max_batch}")
-        if cfg.max_queue < 0:
-            raise InvalidRequestError("SPO_MAX_QUEUE", f"must be >= 0, got {cfg.max_queue}")
-        if not cfg.request_timeout_s > 0:
-            raise InvalidRequestError("SPO_REQUEST_TIMEOUT_S", f"must be > 0, got {cfg.request_timeout_s}")
-        if cfg.batching not in ("step", "request"):
-            raise InvalidRequestError("SPO_BATCHING", f"must be 'step' or 'request', got {cfg.batching!r}")
-        return cfg
+    def __post_init__(self) -> None:
+        if not self.max_batch >= 1:
+            raise ValueError(f"SPO_MAX_BATCH: must be >= 1, got {self.max_batch}")
+        if not self.max_queue >= 0:
+            raise ValueError(f"SPO_MAX_QUEUE: must be >= 0, got {self.max_queue}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"SPO_REQUEST_TIMEOUT_S: must be > 0, got {self.request_timeout_s}")
+        if self.batching not in ("step", "request"):
+            raise ValueError(f"SPO_BATCHING: must be 'step' or 'request', got {self.batching!r}")
 
 
 @dataclass(eq=False)
