@@ -1,16 +1,22 @@
 """The step-level batching engine: one loop owns the device; callers submit and await futures.
 
-Each iteration of the loop is `plan = schedule()`, `run(plan)`, `update(plan)`:
-  - schedule: drop cancelled and expired requests, pick the image-size group whose turn it is
-    (least recently served, so no size starves), admit waiting requests of that size FIFO up to
-    `max_batch` (step mode: at every step; request mode: only into an empty group);
-  - run: encode the admitted prompts in one call, one UNet call for the group, the sampler step;
-  - update: decode the rows that finished on this step together and answer them at once.
-Admin changes (default scale, adapters) queue up and apply at step boundaries.
+Each iteration of the loop is a step boundary (queued admin calls and boundary hooks run), then
+`plan = schedule()`, `result = run(plan)`, `update(plan, result)`:
+  - schedule (reads, under the lock): which submissions leave (cancelled, expired, already
+    answered), the image-size group whose turn it is (least recently served, so no size starves;
+    ties go to the group holding the oldest submission), and which waiting images of that size join
+    it, FIFO, up to `max_batch` (step mode: at every step; request mode: only into an empty group).
+    The plan is immutable: tuples, never the engine's live lists;
+  - run (computes, no lock, no engine bookkeeping): prepare the admitted images in one call (one
+    batched text encoding), one UNet call over the group (halved on out-of-memory), decode the rows
+    that finished on this step together. It returns a `StepResult`;
+  - update (applies, under the lock): drop the leaving submissions, move the admitted rows from the
+    queue into the running group, remove finished and failed rows, count, then answer the futures.
+Every read from another thread (`stats`, `retry_after`, `running_scales`) takes the same lock.
 
 The loop runs in its own thread. Measured here (2-core CPU, tiny preset): a thread other than the
-process's main thread runs the same batch-8 step about 30% slower (OpenMP, see PERF_NOTES); on a
-GPU the kernels run asynchronously and the thread costs nothing measurable.
+process's main thread runs the same batch-8 step about 30% slower (OpenMP's thread pool is tuned for
+the main thread); on a GPU the kernels run asynchronously and the thread costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from typing import Any, Awaitable, Callable, Literal
 
 import torch
 
-from .errors import InvalidRequestError, SpoError
+from .errors import InvalidRequestError, SpoError, is_oom
 from .metrics import Metrics, default_metrics
 from .models import SpoPipeline
 from .requests import GeneratedImage, GenerationRequest, RequestState, Status
 
 log = logging.getLogger("spo_runtime.engine")
+
+Size = tuple[int, int]  # (height, width)
 
 
 class QueueFullError(SpoError):
@@ -81,49 +89,84 @@ class EngineConfig:
             raise ValueError(f"SPO_BATCHING: must be 'step' or 'request', got {self.batching!r}")
 
 
+_submission_seq = itertools.count()
+
+
 @dataclass(eq=False)
-class Job:
-    """One submission: n images of one size, answered together."""
+class Submission:
+    """One call to `submit`: n images of one size, answered together by one future."""
 
     id: str
     requests: list[GenerationRequest]
-    size: tuple[int, int]  # (height, width)
+    size: Size
     deadline: float
     future: concurrent.futures.Future
     t_submit: float = field(default_factory=time.perf_counter)
     results: list[GeneratedImage | None] = field(default_factory=list)
     cancelled: bool = False
+    answered: bool = False  # the engine has decided the answer (set under the lock; the future follows)
+    seq: int = field(default_factory=lambda: next(_submission_seq))  # FIFO order, ties included
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary (e.g. the client went away)."""
         self.cancelled = True
 
 
-@dataclass
-class StepPlan:
-    """What one loop iteration does: the group it runs and the requests it admits into it."""
+Slot = tuple[Submission, int]  # one image of a submission: (submission, index in its requests)
 
-    size: tuple[int, int] | None
-    admit: list[tuple[Job, int]]
-    running: list[RequestState]
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one loop iteration does, decided by `schedule()`; a snapshot, never the live lists."""
+
+    size: Size | None  # the group that runs (None: nothing to run)
+    admit: tuple[Slot, ...] = ()  # waiting images that join the group on this step, FIFO
+    running: tuple[RequestState, ...] = ()  # the group's rows before the admitted ones join
+    drop: tuple[tuple[Submission, BaseException], ...] = ()  # submissions that leave, and why
+
+    @property
+    def idle(self) -> bool:
+        return self.size is None and not self.drop
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What `run(plan)` computed; `update(plan, result)` applies it."""
+
+    admitted: tuple[RequestState, ...] = ()  # prepared rows of plan.admit (tag = their slot)
+    rejected: tuple[tuple[Submission, BaseException], ...] = ()  # submissions whose preparation failed
+    failed: tuple[tuple[RequestState, BaseException], ...] = ()  # rows whose step failed
+    finished: tuple[tuple[RequestState, GeneratedImage | BaseException], ...] = ()  # done rows: image or decode error
+    step_seconds: float | None = None  # None: no UNet call ran
+    batch_size: int = 0
 
 
 class Engine:
-    def __init__(self, pipe: SpoPipeline, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None):
+    def __init__(
+        self,
+        pipe: SpoPipeline,
+        config: EngineConfig = EngineConfig(),
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.pipe = pipe
         self.config = config
         self.metrics = metrics or default_metrics()
-        self._cv = threading.Condition()
-        self._waiting: collections.deque[tuple[Job, int]] = collections.deque()
-        self._running: dict[tuple[int, int], list[RequestState]] = {}
-        self._served: dict[tuple[int, int], int] = {}  # size -> loop iteration it last ran
+        self._clock = clock
+        self._cv = threading.Condition()  # an RLock: boundary hooks may read running_scales()
+        # everything below is read and written under self._cv
+        self._waiting: collections.deque[Slot] = collections.deque()
+        self._admitting = 0  # slots of _waiting the step in flight admits: no longer counted as waiting
+        self._running: dict[Size, tuple[RequestState, ...]] = {}
+        self._served: dict[Size, int] = {}  # size -> the iteration that last ran it
+        self._iteration = 0
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
-        self._boundary_hooks: list[Callable[[], None]] = []
-        self._iteration = itertools.count()
         self._step_ewma: float | None = None
-        self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
+        # the engine thread's own
+        self._boundary_hooks: list[Callable[[], None]] = []
+        self._thread: threading.Thread | None = None
         self._metric_adapters: set[str] = set()
         self.metrics.lora_scale.set(pipe.default_lora_scale)
         self._adapter_metrics()
@@ -150,8 +193,8 @@ class Engine:
 
     # -- submitting --------------------------------------------------------------------------
 
-    def submit(self, requests: list[GenerationRequest | dict], timeout_s: float | None = None) -> Job:
-        """Queue `requests` (one size) as one job; fails fast when the queue is full."""
+    def submit(self, requests: list[GenerationRequest | dict], timeout_s: float | None = None) -> Submission:
+        """Queue `requests` (one size) as one submission; fails fast when the queue is full."""
         if not requests:
             raise InvalidRequestError("requests", "must hold at least one request")
         parsed = [self.pipe.parse(r) for r in requests]
@@ -162,21 +205,23 @@ class Engine:
         if timeout_s is not None and not 0 < timeout_s:
             raise InvalidRequestError("timeout_s", f"must be > 0, got {timeout_s}")
         timeout = min(timeout_s or self.config.request_timeout_s, self.config.request_timeout_s)
-        job = Job(uuid.uuid4().hex[:16], parsed, sizes.pop(), time.perf_counter() + timeout, concurrent.futures.Future())
-        job.results = [None] * len(parsed)
+        now = self._clock()
+        sub = Submission(uuid.uuid4().hex[:16], parsed, sizes.pop(), now + timeout, concurrent.futures.Future(), t_submit=now)
+        sub.results = [None] * len(parsed)
         with self._cv:
             if self._stop:
                 raise EngineUnavailableError("the engine is stopped")
-            if len(self._waiting) + len(parsed) > self.config.max_queue:
+            waiting = len(self._waiting) - self._admitting
+            if waiting + len(parsed) > self.config.max_queue:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise QueueFullError(
-                    f"queue: {len(self._waiting)} images wait (SPO_MAX_QUEUE={self.config.max_queue}); retry later",
+                    f"queue: {waiting} images wait (SPO_MAX_QUEUE={self.config.max_queue}); retry later",
                     retry_after=self.retry_after(),
                 )
-            self._waiting.extend((job, i) for i in range(len(parsed)))
-            self.metrics.queue_depth.set(len(self._waiting))
+            self._waiting.extend((sub, i) for i in range(len(parsed)))
+            self.metrics.queue_depth.set(len(self._waiting) - self._admitting)
             self._cv.notify_all()
-        return job
+        return sub
 
     async def generate(
         self,
@@ -186,19 +231,19 @@ class Engine:
         poll_s: float = 0.2,
     ) -> list[GeneratedImage]:
         """Submit and await the images; a caller that disconnects (or is cancelled) frees its slots."""
-        job = self.submit(requests, timeout_s)
-        fut = asyncio.wrap_future(job.future)
+        sub = self.submit(requests, timeout_s)
+        fut = asyncio.wrap_future(sub.future)
         try:
             while True:
                 done, _ = await asyncio.wait({fut}, timeout=poll_s)
                 if done:
                     return fut.result()
                 if is_disconnected is not None and await is_disconnected():
-                    job.cancel()
+                    sub.cancel()
                     self.metrics.rejected.labels("disconnected").inc()
                     raise RequestCancelledError("the client disconnected")
         except asyncio.CancelledError:
-            job.cancel()
+            sub.cancel()
             raise
 
     def generate_sync(self, requests, timeout_s: float | None = None) -> list[GeneratedImage]:
@@ -243,8 +288,7 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         def apply():
             self.pipe.registry.get(name)
-            running = [s.scales for group in self._running.values() for s in group]
-            self.pipe.registry.in_use(name, running)
+            self.pipe.registry.in_use(name, self.running_scales())
             self.pipe.unload_adapter(name)
             self._adapter_metrics()
 
@@ -259,21 +303,27 @@ class Engine:
             self.metrics.adapter_bytes.labels(a.name).set(a.nbytes)
         self._metric_adapters = set(loaded)
 
-    # -- observation -------------------------------------------------------------------------
+    # -- observation (any thread) ------------------------------------------------------------
+
+    def running_scales(self) -> list[dict[str, float]]:
+        """The LoRA scales of every running row (e.g. to refuse unloading an adapter in use)."""
+        with self._cv:
+            return [dict(s.scales) for g in self._running.values() for s in g]
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely to free: the soonest-finishing running row's remaining steps."""
-        step = self._step_ewma or 0.5
-        groups = max(1, len(self._running))
-        remaining = [s.row.schedule.num_steps - s.row.step for g in self._running.values() for s in g]
+        with self._cv:
+            step = self._step_ewma or 0.5
+            groups = max(1, len(self._running))
+            remaining = [s.row.schedule.num_steps - s.row.step for g in self._running.values() for s in g]
         soonest = min(remaining) if remaining else 1
         return max(1.0, math.ceil(soonest * step * groups))
 
     def stats(self) -> dict:
         with self._cv:
             return {
-                "waiting": len(self._waiting),
-                "running": sum(len(g) for g in self._running.values()),
+                "waiting": len(self._waiting) - self._admitting,
+                "running": sum(len(g) for g in self._running.values()) + self._admitting,
                 "groups": {f"{h}x{w}": len(g) for (h, w), g in self._running.items()},
                 "steps": self.steps,
                 "step_seconds_ewma": self._step_ewma,
@@ -289,21 +339,25 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._running and not self._calls:
-                    self._cv.wait(timeout=1.0)
-                    self._hooks()
+                if not (self._stop or self._waiting or self._running or self._calls):
+                    self._cv.wait(timeout=1.0)  # idle: the hooks still run about once a second
                 if self._stop:
                     return
             self._run_calls()
             self._hooks()
             plan = self.schedule()
-            if plan.size is None:
+            if plan.idle:
                 continue
             try:
-                self.run(plan)
-            except Exception as e:  # never let one step kill the loop
+                result = self.run(plan)
+            except Exception as e:  # never let one step kill the loop: fail this step's rows only
                 log.exception("engine step failed")
-                self._fail_states(plan.running, EngineUnavailableError(f"step failed: {type(e).__name__}: {e}"))
+                result = _failed(plan, EngineUnavailableError(f"step failed: {type(e).__name__}: {e}"))
+            try:
+                self.update(plan, result)
+            except Exception as e:  # the bookkeeping is no longer trustworthy: answer everyone
+                log.exception("engine update failed")
+                self._fail_all(EngineUnavailableError(f"engine failed: {type(e).__name__}: {e}"))
 
     def _hooks(self) -> None:
         for hook in self._boundary_hooks:
@@ -324,197 +378,253 @@ class Engine:
                 fut.set_exception(e)
 
     def schedule(self) -> StepPlan:
-        """Drop cancelled/expired requests, choose the group to run, admit waiting requests into it."""
-        now = time.perf_counter()
+        """Decide the next step from the engine's state. update() applies the plan; until then the
+        only trace is that the admitted images count as running, not waiting (the queue limit)."""
+        now = self._clock()
         with self._cv:
-            self._drop_finished_jobs(now)
-            sizes = set(self._running) | {job.size for job, _ in self._waiting}
-            if not sizes:
-                return StepPlan(None, [], [])
-            # least recently served size first; ties go to the size holding the oldest request
-            oldest = {}
-            for job, _ in self._waiting:
-                oldest.setdefault(job.size, job.t_submit)
-            for size, g in self._running.items():
-                oldest[size] = min(oldest.get(size, math.inf), min(s.t_submit for s in g))
-            size = min(sizes, key=lambda s: (self._served.get(s, -1), oldest.get(s, math.inf)))
-            running = self._running.setdefault(size, [])
-            admit: list[tuple[Job, int]] = []
+            drop: dict[Submission, BaseException] = {}
+            alive: dict[Size, tuple[RequestState, ...]] = {}
+            waiting: list[Slot] = []
+            for sub, i in self._waiting:
+                if self._leaves(sub, now, drop) is None:
+                    waiting.append((sub, i))
+            for size, group in self._running.items():
+                rows = tuple(s for s in group if self._leaves(s.tag[0], now, drop) is None)
+                if rows:
+                    alive[size] = rows
+            # the oldest submission of each size (waiting or running)
+            oldest: dict[Size, int] = {}
+            for sub, _ in waiting:
+                oldest.setdefault(sub.size, sub.seq)
+            for size, rows in alive.items():
+                oldest[size] = min(oldest.get(size, math.inf), min(s.tag[0].seq for s in rows))
+            if not oldest:
+                self._admitting = 0
+                return StepPlan(None, drop=tuple(drop.items()))
+            # least recently served size first; ties go to the size holding the oldest submission
+            size = min(oldest, key=lambda s: (self._served.get(s, -1), oldest[s]))
+            running = alive.get(size, ())
+            admit: tuple[Slot, ...] = ()
             if self.config.batching == "step" or not running:
                 room = self.config.max_batch - len(running)
-                keep = collections.deque()
-                while self._waiting:
-                    job, i = self._waiting.popleft()
-                    if job.size == size and len(admit) < room:
-                        admit.append((job, i))
-                    else:
-                        keep.append((job, i))
-                self._waiting = keep
-            self._served[size] = next(self._iteration)
-            self.metrics.queue_depth.set(len(self._waiting))
-            return StepPlan(size, admit, running)
+                admit = tuple(itertools.islice((slot for slot in waiting if slot[0].size == size), max(0, room)))
+            self._admitting = len(admit)
+            return StepPlan(size, admit, running, tuple(drop.items()))
 
-    def run(self, plan: StepPlan) -> None:
-        """Admit (batched text encoding), one UNet step over the group, decode and answer finished rows."""
-        if plan.admit:
-            self._admit(plan)
-        if not plan.running:
-            self._running.pop(plan.size, None)
-            return
+    def _leaves(self, sub: Submission, now: float, drop: dict[Submission, BaseException]) -> BaseException | None:
+        """Why `sub` leaves at this boundary (recorded in `drop`), or None (lock held)."""
+        if sub in drop:
+            return drop[sub]
+        err: BaseException | None = None
+        if sub.answered or sub.future.done():
+            err = RequestCancelledError("already answered")
+        elif sub.cancelled:
+            err = RequestCancelledError("the request was cancelled")
+        elif now > sub.deadline:
+            err = DeadlineExceededError(
+                f"timeout_s: the request did not finish within its deadline "
+                f"({sub.deadline - sub.t_submit:.1f}s; SPO_REQUEST_TIMEOUT_S={self.config.request_timeout_s})"
+            )
+        if err is not None:
+            drop[sub] = err
+        return err
+
+    def run(self, plan: StepPlan) -> StepResult:
+        """Prepare the admitted images (one batched text encoding), one UNet step over the group, decode
+        the rows that finished. Touches only the plan's rows, never the engine's bookkeeping."""
+        if plan.size is None:
+            return StepResult()
+        admitted, rejected = self._prepare(plan.admit) if plan.admit else ((), ())
+        rows = plan.running + admitted
+        if not rows:
+            return StepResult(admitted, rejected)
         t0 = time.perf_counter()
-        self._denoise(plan.running)
+        failed = tuple(self._denoise(list(rows)))
         dt = time.perf_counter() - t0
-        self.steps += 1
-        self._step_ewma = dt if self._step_ewma is None else 0.8 * self._step_ewma + 0.2 * dt
-        self.metrics.step_seconds.observe(dt)
-        self.metrics.batch_size.observe(len(plan.running))
-        self._memory_metrics()
-        done = [s for s in plan.running if s.row.done or s.status >= Status.FINISHED]
-        if done:
-            finished = [s for s in done if s.status < Status.FINISHED]  # failed rows are already answered
-            if finished:
-                self._finish(finished)
-            with self._cv:
-                plan.running[:] = [s for s in plan.running if s not in done]
-                if not plan.running:
-                    self._running.pop(plan.size, None)
-        self.metrics.running.set(sum(len(g) for g in self._running.values()))
+        gone = {id(s) for s, _ in failed}
+        done = [s for s in rows if id(s) not in gone and s.row.done]
+        return StepResult(admitted, rejected, failed, self._decode(done), dt, len(rows))
 
-    def _admit(self, plan: StepPlan) -> None:
-        """Prepare every admitted request in one call (one batched text encoding). If that fails
-        (e.g. an adapter was unloaded while a request waited), prepare job by job so only the
-        offending job fails."""
+    def _prepare(self, admit: tuple[Slot, ...]) -> tuple[tuple[RequestState, ...], tuple[tuple[Submission, BaseException], ...]]:
+        """Prepare every admitted image in one call (one batched text encoding). If that fails (e.g. an
+        adapter was unloaded while a request waited), prepare submission by submission so only the
+        offending submission fails."""
+        rejected: list[tuple[Submission, BaseException]] = []
         try:
-            prepared = list(zip(plan.admit, self.pipe.prepare([job.requests[i] for job, i in plan.admit])))
-        except SpoError:
+            prepared = list(zip(admit, self.pipe.prepare([sub.requests[i] for sub, i in admit])))
+        except Exception:
             prepared = []
-            by_job: dict[Job, list[int]] = {}
-            for job, i in plan.admit:
-                by_job.setdefault(job, []).append(i)
-            for job, idx in by_job.items():
+            by_sub: dict[Submission, list[int]] = {}
+            for sub, i in admit:
+                by_sub.setdefault(sub, []).append(i)
+            for sub, idx in by_sub.items():
                 try:
-                    states = self.pipe.prepare([job.requests[i] for i in idx])
+                    states = self.pipe.prepare([sub.requests[i] for i in idx])
                 except SpoError as e:
-                    self._fail_job(job, e)
+                    rejected.append((sub, e))
                     continue
-                prepared += [((job, i), s) for i, s in zip(idx, states)]
-        now = time.perf_counter()
-        for (job, i), s in prepared:
-            s.tag = (job, i)
-            s.t_submit = job.t_submit
+                except Exception as e:
+                    log.exception("preparing a request failed")
+                    rejected.append((sub, EngineUnavailableError(f"step failed: {type(e).__name__}: {e}")))
+                    continue
+                prepared += [((sub, i), s) for i, s in zip(idx, states)]
+        now = self._clock()
+        for (sub, i), s in prepared:
+            s.tag = (sub, i)
+            s.t_submit = sub.t_submit
             s.t_start = now
-            s.status = Status.RUNNING
-            s.timings["queue_ms"] = (now - job.t_submit) * 1e3
-            self.metrics.queue_wait.observe(now - job.t_submit)
-            self.metrics.encode.observe(s.timings.get("encode_ms", 0.0) / 1e3)
-            plan.running.append(s)
+            s.timings["queue_ms"] = (now - sub.t_submit) * 1e3
+        return tuple(s for _, s in prepared), tuple(rejected)
 
-    def _denoise(self, states: list[RequestState]) -> None:
-        """One step; on out-of-memory retry with the batch split in half before failing anything."""
+    def _denoise(self, states: list[RequestState]) -> list[tuple[RequestState, BaseException]]:
+        """One step; on out-of-memory retry with the batch split in half before failing anything.
+        Returns the rows that failed, with their error."""
         try:
             self.pipe.denoise(states)
+            return []
         except Exception as e:
-            if _is_oom(e) and len(states) > 1:
+            if is_oom(e) and len(states) > 1:
                 log.warning("out of memory at batch %d: retrying in halves", len(states))
                 _empty_cache()
                 half = len(states) // 2
-                self._denoise(states[:half])
-                self._denoise(states[half:])
-                return
+                return self._denoise(states[:half]) + self._denoise(states[half:])
             log.exception("step failed for %d request(s)", len(states))
             _empty_cache()
             err = EngineUnavailableError(
-                f"step failed ({'out of device memory' if _is_oom(e) else type(e).__name__}); retry later",
+                f"step failed ({'out of device memory' if is_oom(e) else type(e).__name__}); retry later",
                 retry_after=self.retry_after(),
             )
-            self._fail_states(states, err)
+            return [(s, err) for s in states]
 
-    def _finish(self, states: list[RequestState]) -> None:
-        results = self.pipe.decode(states)
-        now = time.perf_counter()
+    def _decode(self, states: list[RequestState]) -> tuple[tuple[RequestState, GeneratedImage | BaseException], ...]:
+        """Decode finished rows together; a decode that raises fails those rows only."""
+        if not states:
+            return ()
+        try:
+            results = self.pipe.decode(states)
+        except Exception as e:
+            log.exception("decode failed for %d request(s)", len(states))
+            _empty_cache()
+            err = EngineUnavailableError(f"decode failed ({'out of device memory' if is_oom(e) else type(e).__name__}); retry later")
+            return tuple((s, err) for s in states)
+        now = self._clock()
         for s, r in zip(states, results):
-            job, i = s.tag
-            if isinstance(r, Exception):
-                self._fail_job(job, r)
-                continue
-            r.timings["denoise_ms"] = (now - s.t_start) * 1e3 - r.timings.get("decode_ms", 0.0)
-            self.metrics.denoise.observe(r.timings["denoise_ms"] / 1e3)
-            self.metrics.decode.observe(r.timings.get("decode_ms", 0.0) / 1e3)
-            self.metrics.images.labels(f"{s.width}x{s.height}", s.request.scheduler).inc()
-            job.results[i] = r
-            if all(x is not None for x in job.results) and not job.future.done():
-                job.future.set_result(list(job.results))
+            if not isinstance(r, BaseException):
+                r.timings["denoise_ms"] = (now - s.t_start) * 1e3 - r.timings.get("decode_ms", 0.0)
+        return tuple(zip(states, results))
+
+    def update(self, plan: StepPlan, result: StepResult) -> None:
+        """Apply a step: drop leaving submissions, move admitted rows from the queue into the group,
+        remove finished and failed rows, count; then answer the futures (outside the lock)."""
+        answers: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
+        with self._cv:
+            dropped = {sub for sub, _ in plan.drop}
+            for sub, err in plan.drop:
+                if not (sub.answered or sub.future.done()):
+                    sub.answered = True
+                    self.metrics.rejected.labels("timeout" if isinstance(err, DeadlineExceededError) else "cancelled").inc()
+                    answers.append((sub.future, None, err))
+            taken = set(plan.admit)
+            self._admitting = 0
+            if dropped or taken:
+                self._waiting = collections.deque(slot for slot in self._waiting if slot not in taken and slot[0] not in dropped)
+            for size, group in list(self._running.items()):
+                for s in group:
+                    if s.tag[0] in dropped:
+                        s.status = Status.CANCELLED
+                self._set_group(size, tuple(s for s in group if s.tag[0] not in dropped))
+
+            for sub, err in result.rejected:
+                self._fail(sub, err, answers)
+            for s in result.admitted:
+                s.status = Status.RUNNING
+                self.metrics.queue_wait.observe(s.timings["queue_ms"] / 1e3)
+                self.metrics.encode.observe(s.timings.get("encode_ms", 0.0) / 1e3)
+            for s, err in result.failed:
+                s.status = Status.FAILED
+                self._fail(s.tag[0], err, answers)
+            for s, r in result.finished:
+                sub, i = s.tag
+                if isinstance(r, BaseException):
+                    s.status = Status.FAILED
+                    self._fail(sub, r, answers)
+                    continue
+                s.status = Status.FINISHED
+                self.metrics.denoise.observe(r.timings["denoise_ms"] / 1e3)
+                self.metrics.decode.observe(r.timings.get("decode_ms", 0.0) / 1e3)
+                self.metrics.images.labels(f"{s.width}x{s.height}", s.request.scheduler).inc()
+                sub.results[i] = r
+                if all(x is not None for x in sub.results) and not (sub.answered or sub.future.done()):
+                    sub.answered = True
+                    answers.append((sub.future, list(sub.results), None))
+
+            if plan.size is not None:
+                leave = {id(s) for s, _ in result.failed} | {id(s) for s, _ in result.finished}
+                group = self._running.get(plan.size, ()) + result.admitted
+                self._set_group(plan.size, tuple(s for s in group if id(s) not in leave))
+                self._served[plan.size] = self._iteration
+                self._iteration += 1
+            if result.step_seconds is not None:
+                dt = result.step_seconds
+                self.steps += 1
+                self._step_ewma = dt if self._step_ewma is None else 0.8 * self._step_ewma + 0.2 * dt
+                self.metrics.step_seconds.observe(dt)
+                self.metrics.batch_size.observe(result.batch_size)
+                self._memory_metrics()
+            self.metrics.queue_depth.set(len(self._waiting))
+            self.metrics.running.set(sum(len(g) for g in self._running.values()))
+        for fut, value, err in answers:
+            _answer(fut, value, err)
+
+    def _set_group(self, size: Size, rows: tuple[RequestState, ...]) -> None:
+        if rows:
+            self._running[size] = rows
+        else:
+            self._running.pop(size, None)
 
     # -- failure paths -----------------------------------------------------------------------
 
-    def _drop_finished_jobs(self, now: float) -> None:
-        """Remove rows of cancelled, expired or failed jobs from the queue and the batch (lock held)."""
-
-        def gone(job: Job) -> BaseException | None:
-            if job.future.done():
-                return RequestCancelledError("already answered")
-            if job.cancelled:
-                return RequestCancelledError("the request was cancelled")
-            if now > job.deadline:
-                return DeadlineExceededError(
-                    f"timeout_s: the request did not finish within its deadline "
-                    f"({job.deadline - job.t_submit:.1f}s; SPO_REQUEST_TIMEOUT_S={self.config.request_timeout_s})"
-                )
-            return None
-
-        dropped: dict[Job, BaseException] = {}
-        keep = collections.deque()
-        for job, i in self._waiting:
-            err = dropped.get(job) or gone(job)
-            if err is None:
-                keep.append((job, i))
-            else:
-                dropped[job] = err
-        self._waiting = keep
-        for size, group in list(self._running.items()):
-            alive = []
-            for s in group:
-                job = s.tag[0]
-                err = dropped.get(job) or gone(job)
-                if err is None:
-                    alive.append(s)
-                else:
-                    dropped[job] = err
-                    s.status = Status.CANCELLED
-            group[:] = alive
-            if not group:
-                del self._running[size]
-        for job, err in dropped.items():
-            if not job.future.done():
-                reason = "timeout" if isinstance(err, DeadlineExceededError) else "cancelled"
-                self.metrics.rejected.labels(reason).inc()
-                job.future.set_exception(err)
-
-    def _fail_states(self, states: list[RequestState], err: BaseException) -> None:
-        for s in states:
-            s.status = Status.FAILED
-            if s.tag is not None:
-                self._fail_job(s.tag[0], err)
-
-    def _fail_job(self, job: Job, err: BaseException) -> None:
-        job.cancelled = True  # its other rows leave at the next boundary
-        if not job.future.done():
+    def _fail(self, sub: Submission, err: BaseException, answers: list) -> None:
+        """Fail `sub` (lock held); its other rows leave at the next boundary. Answered by the caller."""
+        sub.cancelled = True
+        if not (sub.answered or sub.future.done()):
+            sub.answered = True
             self.metrics.rejected.labels(_reason(err)).inc()
-            job.future.set_exception(err)
+            answers.append((sub.future, None, err))
 
     def _fail_all(self, err: BaseException) -> None:
+        answers: list = []
         with self._cv:
-            jobs = {job for job, _ in self._waiting} | {s.tag[0] for g in self._running.values() for s in g if s.tag}
+            subs = {sub for sub, _ in self._waiting} | {s.tag[0] for g in self._running.values() for s in g}
             self._waiting.clear()
             self._running.clear()
-        for job in jobs:
-            self._fail_job(job, err)
+            self._admitting = 0
+            for sub in subs:
+                self._fail(sub, err, answers)
+        for fut, value, e in answers:
+            _answer(fut, value, e)
 
     def _memory_metrics(self) -> None:
         dev = self.pipe.device
         if dev.type == "cuda":
             self.metrics.mem_allocated.labels(str(dev)).set(torch.cuda.memory_allocated(dev))
             self.metrics.mem_reserved.labels(str(dev)).set(torch.cuda.memory_reserved(dev))
+
+
+def _failed(plan: StepPlan, err: BaseException) -> StepResult:
+    """The result of a step that raised unexpectedly: its rows and its admitted submissions fail."""
+    subs = dict.fromkeys(sub for sub, _ in plan.admit)
+    return StepResult(rejected=tuple((sub, err) for sub in subs), failed=tuple((s, err) for s in plan.running))
+
+
+def _answer(fut: concurrent.futures.Future, value: Any, err: BaseException | None) -> None:
+    try:
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(value)
+    except concurrent.futures.InvalidStateError:  # the caller cancelled the future itself
+        pass
 
 
 def _reason(err: BaseException) -> str:
@@ -526,10 +636,6 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, NonFiniteError):
         return "non_finite"
     return "error"
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def _empty_cache() -> None:
