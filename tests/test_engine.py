@@ -1,4 +1,6 @@
-"""The step-level batching engine, in process, on the tiny model: joining, fairness, limits, failures."""
+"""The step-level batching engine, in process, on the tiny model and its own thread: joining, limits,
+failures, images equal to the pipeline's. Scheduling decisions (fairness, FIFO, admission, deadlines)
+are tested step by step, without a thread, in test_scheduler.py."""
 
 import asyncio
 import time
@@ -68,18 +70,16 @@ def test_request_mode_forms_a_batch_and_runs_it_to_completion(epipe):
         eng.stop()
 
 
-def test_sizes_alternate_fifo_within_a_group(epipe):
+def test_two_sizes_share_the_engine_and_images_match_alone(epipe):
     eng = make_engine(epipe, max_batch=2)
     try:
-        order = []
-        jobs = [eng.submit([dict(prompt="a", seed=i, num_inference_steps=4, width=w)]) for i, w in enumerate([64, 64, 96, 64, 96])]
-        for j in jobs:
-            j.future.add_done_callback(lambda f, j=j: order.append(jobs.index(j)))
-        for j in jobs:
-            j.future.result(60)
-        # both sizes progress in turn: the first 96-wide job finishes before the third 64-wide one
-        assert order.index(2) < order.index(3)
-        assert order.index(0) < order.index(3) and order.index(1) < order.index(3)  # FIFO within 64
+        reqs = [dict(prompt="a", seed=i, num_inference_steps=3, width=w) for i, w in enumerate([64, 96, 64])]
+        subs = [eng.submit([r]) for r in reqs]
+        for r, sub in zip(reqs, subs):
+            [img] = sub.future.result(60)
+            assert img.image.size == (r["width"], 64)
+            assert max_pixel_diff(img.image, epipe.generate([r])[0].image) <= 1
+        assert eng.stats()["running"] == 0 and eng.stats()["groups"] == {}
     finally:
         eng.stop()
 
@@ -87,14 +87,14 @@ def test_sizes_alternate_fifo_within_a_group(epipe):
 def test_queue_limit_fails_fast_with_retry_after(epipe):
     eng = make_engine(epipe, max_batch=1, max_queue=2)
     try:
-        jobs = [eng.submit([dict(prompt="a", seed=i, num_inference_steps=30)]) for i in range(2)]
+        subs = [eng.submit([dict(prompt="a", seed=i, num_inference_steps=30)]) for i in range(2)]
         wait_until(lambda: eng.stats()["running"] == 1)
         eng.submit([dict(prompt="a", seed=9, num_inference_steps=30)])  # fills the queue again
         with pytest.raises(QueueFullError) as e:
             eng.submit([dict(prompt="a", seed=10, num_inference_steps=2)] * 2)
         assert e.value.retry_after >= 1 and "SPO_MAX_QUEUE=2" in str(e.value)
-        for j in jobs:
-            j.cancel()
+        for sub in subs:
+            sub.cancel()
     finally:
         eng.stop()
 
@@ -196,7 +196,7 @@ def test_scale_change_applies_to_later_admissions_and_unload_in_use(epipe):
         eng.stop()
 
 
-def test_admitted_jobs_share_one_text_encoding_and_a_bad_one_fails_alone(epipe, monkeypatch):
+def test_admitted_submissions_share_one_text_encoding_and_a_bad_one_fails_alone(epipe, monkeypatch):
     import threading
 
     from spo_runtime import AdapterNotFoundError
@@ -208,11 +208,11 @@ def test_admitted_jobs_share_one_text_encoding_and_a_bad_one_fails_alone(epipe, 
     try:
         gate = threading.Event()
         held = eng.call(gate.wait)  # hold the loop at a boundary so all three are admitted together
-        jobs = [eng.submit([dict(prompt=f"a unique prompt {i}", seed=i, num_inference_steps=2)]) for i in range(3)]
+        subs = [eng.submit([dict(prompt=f"a unique prompt {i}", seed=i, num_inference_steps=2)]) for i in range(3)]
         gate.set()
         held.result(10)
-        for j in jobs:
-            j.future.result(60)
+        for sub in subs:
+            sub.future.result(60)
         assert [c for c in calls if any("unique prompt" in t for t in c)] == [[f"a unique prompt {i}" for i in range(3)]]
         gate.clear()
         held = eng.call(gate.wait)
@@ -225,3 +225,16 @@ def test_admitted_jobs_share_one_text_encoding_and_a_bad_one_fails_alone(epipe, 
         assert len(good.future.result(60)) == 1
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(max_batch=0), "SPO_MAX_BATCH: must be >= 1, got 0"),
+    (dict(max_queue=-1), "SPO_MAX_QUEUE: must be >= 0, got -1"),
+    (dict(request_timeout_s=0.0), "SPO_REQUEST_TIMEOUT_S: must be > 0, got 0.0"),
+    (dict(batching="token"), "SPO_BATCHING: must be 'step' or 'request', got 'token'"),
+])
+def test_engine_config_names_the_variable_of_a_bad_value(kw, message):
+    with pytest.raises(ValueError) as e:
+        EngineConfig(**kw)
+    assert str(e.value) == message
+    assert EngineConfig() == EngineConfig(max_batch=8, max_queue=64, request_timeout_s=300.0, batching="step")
