@@ -1,8 +1,9 @@
 """LoRA at run time: named adapters, per-sample scales inside one UNet forward, a fused fast path.
 
 Every targeted nn.Linear / nn.Conv2d is wrapped once (`LoraLinear`, `LoraConv2d`, original kept as
-`.base_layer`). Before each UNet call the pipeline sets, on the shared `LoraContext`, one scale per
-batch row for each adapter whose rows need its branch. A wrapped layer computes
+`.base_layer`). Each UNet call runs inside `with registry.row_scales(rows):`, which sets, on the
+shared `LoraContext`, one scale per batch row for each adapter whose rows need its branch (and puts
+back what was there on exit). A wrapped layer computes
 
     y = base(x) + sum_a  s_a[row] * (alpha_a / r_a) * up_a(down_a(x))
 
@@ -17,13 +18,16 @@ over several adapters on top of a fused base.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .errors import AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, LoraFormatError
@@ -99,7 +103,6 @@ class Adapter:
     nbytes: int
     sha256: str
     source: str  # file path, or a description for built-in adapters
-    loaded_at: float = field(default_factory=time.time)
 
     def info(self, show_source: bool = True) -> dict:
         return {
@@ -195,11 +198,31 @@ class LoraRegistry:
             raise AdapterNotFoundError(name, list(self.adapters)) from None
 
     def module_weights(self, name: str) -> dict[str, LoraModuleWeights]:
-        """Adapter `name` as format-level weights (alpha folded in: alpha = rank)."""
+        """Adapter `name` as format-level weights on the CPU (alpha folded in: alpha = rank). Copies:
+        later changes to the adapter (a training step) do not reach them."""
         out = {}
+        for module, down, up in self.tensors(name):
+            out[module] = LoraModuleWeights(module, down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True),
+                                            float(down.shape[0]))
+        return out
+
+    def tensors(self, name: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(module, down, up) of adapter `name`, in module order; `up` has alpha / rank folded in.
+        The live tensors (parameters once `make_trainable`): the branch uses them as they are."""
         for module in self.get(name).modules:
             down, up = self._layers[module].adapters[name]
-            out[module] = LoraModuleWeights(module, down.detach().cpu(), up.detach().cpu(), float(down.shape[0]))
+            yield module, down, up
+
+    def make_trainable(self, name: str) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """Turn adapter `name` into float32 parameters, {module: (down, up)}; the layers' branches then
+        carry gradients to them. `up` has alpha / rank folded in."""
+        out: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        with self.lock:
+            for module in self.get(name).modules:
+                layer = self._layers[module]
+                down, up = layer.adapters[name]
+                out[module] = (nn.Parameter(down.detach().float().clone()), nn.Parameter(up.detach().float().clone()))
+                layer.adapters[name] = out[module]
         return out
 
     def _wrap(self, module: str) -> _LoraLayer:
@@ -243,8 +266,23 @@ class LoraRegistry:
 
     # -- per-row scales ----------------------------------------------------------------------
 
-    def set_row_scales(self, rows: list[dict[str, float]]) -> None:
-        """Scales of the next forward, one dict per UNet batch row (CFG rows included)."""
+    @contextlib.contextmanager
+    def row_scales(self, rows: list[dict[str, float]]) -> Iterator[dict[str, torch.Tensor]]:
+        """`with registry.row_scales(rows):` the UNet calls inside run with these LoRA scales, one
+        {adapter: scale} dict per UNet batch row (CFG rows included); on exit the scales that were
+        in force before are back. Yields the per-adapter residual scales (adapters whose branch runs).
+
+        Backward after the block is safe with gradient checkpointing enabled through
+        `enable_gradient_checkpointing`: its recomputation re-enters the scales of the forward."""
+        terms = self._terms(rows)
+        prev = self.ctx.terms
+        self.ctx.terms = terms
+        try:
+            yield terms
+        finally:
+            self.ctx.terms = prev
+
+    def _terms(self, rows: list[dict[str, float]]) -> dict[str, torch.Tensor]:
         for row in rows:
             for name in row:
                 if name not in self.adapters:
@@ -257,10 +295,28 @@ class LoraRegistry:
             residual = [row.get(name, 0.0) - base for row in rows]
             if any(r != 0.0 for r in residual):
                 terms[name] = torch.tensor(residual, dtype=self.dtype, device=self.device)
-        self.ctx.terms = terms
+        return terms
 
-    def clear_row_scales(self) -> None:
-        self.ctx.terms = {}
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint the UNet's blocks (recompute their forward in backward, to save activation
+        memory) with the per-row scales in force during the original forward: a block's recomputation
+        re-enters the scales it first ran with, so backward may run after `row_scales` has exited."""
+        ctx = self.ctx
+
+        def checkpoint(module, *args, **kwargs):
+            terms = ctx.terms  # this forward's scales; row_scales replaces the dict, never mutates it
+
+            def run(*a, **k):
+                prev = ctx.terms
+                ctx.terms = terms
+                try:
+                    return module(*a, **k)
+                finally:
+                    ctx.terms = prev
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        self.unet.enable_gradient_checkpointing(checkpoint)
 
     def in_use(self, name: str, running: list[dict[str, float]]) -> None:
         """Raise AdapterInUseError if any running row uses `name`."""

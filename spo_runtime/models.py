@@ -441,14 +441,14 @@ class SpoPipeline:
             "guidance": torch.tensor([s.request.guidance_scale for s in states], dtype=torch.float32),
         }
 
-    def guided_eps(self, x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], scales: list[dict[str, float]],
-                   keep_scales: bool = False) -> torch.Tensor:
+    def guided_eps(self, x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], scales: list[dict[str, float]]) -> torch.Tensor:
         """One UNet call with classifier-free guidance per row (rows with guidance <= 1 run unguided).
 
         UNet batch: [uncond of the CFG rows] + [cond of every row], as diffusers' cat([uncond, cond]).
         `scales` holds each row's LoRA scales over the loaded adapters. Differentiable (the trainer
-        calls it with grad; serving calls it under inference_mode). `keep_scales` leaves the scales set
-        for a backward pass that recomputes the forward (gradient checkpointing); the caller clears them.
+        calls it with grad; serving calls it under inference_mode). The scales are in force for this
+        call only; a backward that recomputes the forward (gradient checkpointing enabled through the
+        registry) re-enters them.
         """
         g = cond["guidance"]
         cfg = [i for i in range(len(g)) if float(g[i]) > 1.0]
@@ -458,16 +458,12 @@ class SpoPipeline:
         enc = torch.cat([cond["negative_embeds"].index_select(0, c), cond["prompt_embeds"]])
         pooled = torch.cat([cond["negative_pooled"].index_select(0, c), cond["pooled"]])
         time_ids = torch.cat([cond["time_ids"].index_select(0, c), cond["time_ids"]])
-        self.registry.set_row_scales([scales[i] for i in cfg] + list(scales))
-        try:
+        with self.registry.row_scales([scales[i] for i in cfg] + list(scales)) as terms:
+            self._last_adapters = list(terms)
             pred = self.unet(
                 unet_x, unet_t, encoder_hidden_states=enc,
                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False,
             )[0]
-        finally:
-            self._last_adapters = list(self.registry.ctx.terms)
-            if not keep_scales:
-                self.registry.clear_row_scales()
         n = len(cfg)
         eps = pred[n:]
         if n:

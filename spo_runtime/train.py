@@ -183,8 +183,8 @@ class SPOTrainer:
         self.position = 0  # prompts consumed in the seeded order
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # every random draw of the job
         self.total_rounds = config.max_rounds or max(1, math.ceil(config.epochs * len(prompts) / config.prompts_per_round))
-        if config.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
+        if config.gradient_checkpointing:  # through the registry: recomputation re-enters the row scales
+            reg.enable_gradient_checkpointing()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -241,23 +241,13 @@ class SPOTrainer:
                 modules[m] = LoraModuleWeights(m, down, up, self.cfg.alpha)
         reg = self.pipe.registry
         reg.load(TRAIN, LoraFile("diffusers", modules), source="trainer")
-        params = []
-        for m in modules:
-            layer = reg._layers[m]
-            down, up = layer.adapters[TRAIN]
-            d = torch.nn.Parameter(down.detach().float().clone())
-            u = torch.nn.Parameter(up.detach().float().clone())  # alpha / r folded in by the registry
-            layer.adapters[TRAIN] = (d, u)
-            params += [d, u]
-        return params
+        trainable = reg.make_trainable(TRAIN)  # fp32 parameters; alpha / r folded into up by the registry
+        return [p for m in modules for p in trainable[m]]  # this order indexes the optimiser's saved state
 
     def lora_modules(self) -> dict[str, LoraModuleWeights]:
-        """The trained adapter (alpha / rank folded into up, so alpha = rank)."""
-        out = {}
-        for m in self.pipe.registry.get(TRAIN).modules:
-            d, u = self.pipe.registry._layers[m].adapters[TRAIN]
-            out[m] = LoraModuleWeights(m, d.detach().float().cpu().clone(), u.detach().float().cpu().clone(), float(d.shape[0]))
-        return out
+        """The trained adapter, copied to the CPU in float32 (alpha / rank folded into up, so alpha = rank)."""
+        return {m: LoraModuleWeights(m, w.down.float(), w.up.float(), w.alpha)
+                for m, w in self.pipe.registry.module_weights(TRAIN).items()}
 
     # -- prompts -----------------------------------------------------------------------------
 
@@ -279,10 +269,10 @@ class SPOTrainer:
                      eta=self.cfg.eta, width=self.cfg.width, height=self.cfg.height, lora_scale=0.0) for p, s in zip(prompts, seeds)]
         return self.pipe.prepare([{k: v for k, v in r.items() if v is not None} for r in reqs])
 
-    def _eps(self, x: torch.Tensor, step: torch.Tensor, cond: dict, scales: dict[str, float], keep_scales: bool = False) -> torch.Tensor:
+    def _eps(self, x: torch.Tensor, step: torch.Tensor, cond: dict, scales: dict[str, float]) -> torch.Tensor:
         t = self.schedule.timesteps[step].to(x.device)
         # latents stay fp32 along the trajectory; the UNet runs in the pipeline's dtype
-        return self.pipe.guided_eps(x.to(self.pipe.dtype), t, cond, [scales] * len(x), keep_scales=keep_scales)
+        return self.pipe.guided_eps(x.to(self.pipe.dtype), t, cond, [scales] * len(x))
 
     def _ddim(self, x, eps, step: torch.Tensor, noise=None):
         return ddim_step(x, eps, self.schedule.alpha_t[step], self.schedule.alpha_prev[step], torch.full((len(x),), self.cfg.eta), noise)
@@ -364,13 +354,13 @@ class SPOTrainer:
 
     # -- the loss ----------------------------------------------------------------------------
 
-    def _logprobs(self, trans: list[Transition], cond: dict, scales: dict[str, float], keep_scales: bool = False) -> torch.Tensor:
+    def _logprobs(self, trans: list[Transition], cond: dict, scales: dict[str, float]) -> torch.Tensor:
         x_t = torch.stack([tr.x_t for tr in trans])
         x_prev = torch.stack([tr.x_prev for tr in trans])
         step = torch.tensor([tr.step for tr in trans])
         idx = torch.tensor([tr.prompt for tr in trans], device=x_t.device)
         c = {key: v.index_select(0, idx.to(v.device)) for key, v in cond.items()}
-        eps = self._eps(x_t, step, c, scales, keep_scales)
+        eps = self._eps(x_t, step, c, scales)
         _, _, mean, std = self._ddim(x_t.float(), eps.float(), step)
         return ddim_transition_logprob(x_prev.float(), mean, std)
 
@@ -391,12 +381,11 @@ class SPOTrainer:
                 trans = [p.win for p in batch] + [p.lose for p in batch]
                 with torch.no_grad():
                     ref = self._logprobs(trans, cond, self.ref_scales)
-                # the policy's scales stay set through backward: checkpointing recomputes the forward
-                logp = self._logprobs(trans, cond, self.policy_scales, keep_scales=True)
+                # with gradient checkpointing, backward recomputes the forward under the policy's scales
+                logp = self._logprobs(trans, cond, self.policy_scales)
                 m = len(batch)
                 loss, clamp = spo_loss(logp[:m], ref[:m], logp[m:], ref[m:], self.cfg.beta, self.cfg.ratio_clip)
                 (loss.mean() / self.cfg.grad_accum).backward()
-                self.pipe.registry.clear_row_scales()
                 losses.append(float(loss.detach().mean()))
                 clamps.append(clamp)
                 if (j + 1) % self.cfg.grad_accum == 0 or j == len(batches) - 1:
@@ -405,7 +394,6 @@ class SPOTrainer:
                     self.opt.zero_grad(set_to_none=True)
                     steps += 1
         finally:
-            self.pipe.registry.clear_row_scales()
             unet.eval()
         return {"loss": sum(losses) / len(losses), "clamp_share": sum(clamps) / len(clamps), "optimizer_steps": steps}
 
@@ -460,10 +448,10 @@ class SPOTrainer:
         from safetensors.torch import load_file
 
         sd = load_file(str(d / "lora_diffusers.safetensors"))
-        for m in self.pipe.registry.get(TRAIN).modules:
-            down, up = self.pipe.registry._layers[m].adapters[TRAIN]
-            down.data.copy_(sd[f"unet.{m}.lora.down.weight"])
-            up.data.copy_(sd[f"unet.{m}.lora.up.weight"])
+        with torch.no_grad():
+            for m, down, up in self.pipe.registry.tensors(TRAIN):
+                down.copy_(sd[f"unet.{m}.lora.down.weight"])
+                up.copy_(sd[f"unet.{m}.lora.up.weight"])
         state = torch.load(d / "train_state.pt", weights_only=True, map_location="cpu")
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["torch_rng"])

@@ -174,3 +174,87 @@ def test_memory_cap_unload_and_hot_swap(tiny_dir):
     [after] = p.prepare([dict(prompt=PROMPT, seed=1, num_inference_steps=2)])
     assert running.lora_scale == 1.0 and after.lora_scale == 0.25
     assert p.registry.fused == ("spo", 1.0)  # weights untouched
+
+
+def test_row_scales_context_sets_and_restores(tiny_dir):
+    p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
+    reg = p.registry
+    assert reg.ctx.terms == {}
+    with reg.row_scales([{"spo": 0.5}, {}]) as terms:
+        assert list(terms) == ["spo"] and terms["spo"].tolist() == [0.5, 0.0] and reg.ctx.terms is terms
+        with reg.row_scales([{"spo": 2.0}]):  # nested: the inner block's scales, then the outer's again
+            assert reg.ctx.terms["spo"].tolist() == [2.0]
+        assert reg.ctx.terms is terms
+    assert reg.ctx.terms == {}
+    with pytest.raises(RuntimeError):  # an exception inside still restores
+        with reg.row_scales([{"spo": 1.0}]):
+            raise RuntimeError("boom")
+    assert reg.ctx.terms == {}
+    with pytest.raises(AdapterNotFoundError):
+        with reg.row_scales([{"nope": 1.0}]):
+            pass
+    assert reg.ctx.terms == {}
+    reg.fuse("spo", 1.0)  # rows at the fused scale run no branch; others run the residual
+    with reg.row_scales([{"spo": 1.0}, {"spo": 0.25}, {}]) as terms:
+        assert terms["spo"].tolist() == [0.0, -0.75, -1.0]
+    with reg.row_scales([{"spo": 1.0}]) as terms:
+        assert terms == {}
+
+
+def _grads(p, params, x, t, cond, rows):
+    for d, u in params.values():
+        d.grad = u.grad = None
+    p.unet.train()
+    try:
+        eps = p.guided_eps(x, t, cond, rows)  # the row scales are gone once this returns
+        assert p.registry.ctx.terms == {}
+        eps.square().mean().backward()
+    finally:
+        p.unet.eval()
+    return torch.cat([q.grad.flatten() for pair in params.values() for q in pair])
+
+
+def test_row_scales_survive_gradient_checkpointing(tiny_dir):
+    """Backward after the row_scales block: checkpointed recomputation runs with the forward's scales."""
+    p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
+    reg = p.registry
+    params = reg.make_trainable("spo")
+    assert all(d.requires_grad and u.requires_grad and d.dtype == torch.float32 for d, u in params.values())
+    states = p.prepare([dict(prompt="a fox", seed=1, width=32, height=32), dict(prompt="an owl", seed=2, width=32, height=32)])
+    cond = {k: v.clone() for k, v in p.conditioning(states).items()}  # out of inference mode
+    x = torch.cat([s.latents for s in states]).clone()
+    t = torch.tensor([500, 300])
+    rows = [{"spo": 0.5}, {"spo": 2.0}]
+    plain = _grads(p, params, x, t, cond, rows)
+    # count the calls of one LoRA layer: twice per forward when its block is recomputed in backward
+    calls = []
+    layer = p.unet.get_submodule(reg.get("spo").modules[0])
+    hook = layer.register_forward_pre_hook(lambda m, a: calls.append(dict(p.registry.ctx.terms)))
+    try:
+        reg.enable_gradient_checkpointing()
+        checkpointed = _grads(p, params, x, t, cond, rows)
+    finally:
+        hook.remove()
+        p.unet.disable_gradient_checkpointing()
+    assert len(calls) == 2, "the block was not recomputed: checkpointing is off"
+    # the recomputation saw the forward's scales (uncond rows of CFG first, then the cond rows)
+    assert calls[0]["spo"].tolist() == calls[1]["spo"].tolist() == [0.5, 2.0, 0.5, 2.0]
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+    # per-row scales matter to the gradient (so equality above is not vacuous)
+    other = _grads(p, params, x, t, cond, [{"spo": 2.0}, {"spo": 0.5}])
+    assert (other - plain).abs().max() > 1e-4
+
+
+def test_trainable_adapter_exports_copies(tiny_dir):
+    p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
+    reg = p.registry
+    params = reg.make_trainable("spo")
+    assert list(params) == reg.get("spo").modules
+    live = {m: (d, u) for m, d, u in reg.tensors("spo")}
+    assert all(live[m][0] is d and live[m][1] is u for m, (d, u) in params.items())
+    exported = reg.module_weights("spo")
+    m0, (d0, _) = next(iter(params.items()))
+    with torch.no_grad():
+        d0.add_(1.0)
+    assert not torch.equal(exported[m0].down, d0.detach())  # a copy, not a view of the parameter

@@ -145,3 +145,21 @@ def test_config_is_validated_with_field_names():
     with pytest.raises(InvalidRequestError) as e:
         TrainConfig.parse({"bogus": 1})
     assert e.value.field == "config.bogus"
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_dir, tmp_path):
+    """A round with gradient checkpointing (backward recomputes the UNet under the policy's row
+    scales) ends with the same adapter as a round without."""
+    cfg = TrainConfig(**{**FAST, "prompts_per_round": 2, "num_inference_steps": 6}, scorer="brightness", max_rounds=1)
+    out = {}
+    for ckpt in (False, True):
+        pipe = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
+        tr = SPOTrainer(pipe, cfg.model_copy(update={"gradient_checkpointing": ckpt}), PROMPTS, tmp_path / str(ckpt))
+        assert pipe.unet.is_gradient_checkpointing == ckpt
+        stats = tr.train()
+        assert stats["optimizer_steps"] >= 1
+        out[ckpt] = tr.lora_modules()
+    moved = max(float(w.up.abs().max()) for w in out[False].values())
+    assert moved > 0  # up starts at zero: the round trained
+    worst = max(float((out[False][m].up - out[True][m].up).abs().max()) for m in out[False])
+    assert worst < 1e-6, worst
