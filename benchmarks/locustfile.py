@@ -33,14 +33,23 @@ import itertools
 import json
 import logging
 import random
+import sys
+import typing
 from pathlib import Path
 
 from locust import HttpUser, between, events, task
 from locust.runners import WorkerRunner
 
-log = logging.getLogger("spo_load")
 HERE = Path(__file__).resolve().parent
-SCHEDULERS = ("ddim", "euler", "dpmpp_2m_karras")
+sys.path.insert(0, str(HERE.parent))  # the repository root: the request schema is the server's own
+from service.schemas import MAX_N, generation_bodies  # noqa: E402
+from spo_runtime.requests import MAX_SEED, SIZE_RANGE, GenerationRequest  # noqa: E402
+
+log = logging.getLogger("spo_load")
+SCHEDULERS = typing.get_args(GenerationRequest.model_fields["scheduler"].annotation)
+# every body this file sends is checked against the server's schema (the widest size range: the
+# server's preset may still refuse a size, which the failure table then shows)
+GENERATE, GENERATE_BATCH = generation_bodies(SIZE_RANGE)
 _user_ids = itertools.count()
 _prompts: list[str] = []
 _admin_initial: dict = {}
@@ -180,7 +189,7 @@ class SPOUser(HttpUser):
         o, rng = self.o, self.rng
         body = {
             "prompt": rng.choice(self.prompts),
-            "seed": rng.randrange(0, 2**32 - 8),  # leaves room for /generate_batch's seed..seed+n-1
+            "seed": rng.randrange(0, MAX_SEED - MAX_N + 2),  # leaves room for /generate_batch's seed..seed+n-1
             "num_inference_steps": rng.choice(self.steps),
             "scheduler": rng.choice(self.schedulers),
             "guidance_scale": rng.choice(self.guidance),
@@ -196,6 +205,13 @@ class SPOUser(HttpUser):
             body["timeout_s"] = o.timeout_s
         return body
 
+    def _checked(self, model, body: dict) -> dict:
+        try:
+            model.model_validate_json(json.dumps(body))
+        except ValueError as e:  # pydantic's ValidationError
+            raise ValueError(f"the load mix built a body outside the request schema: {e}") from None
+        return body
+
     @task
     def mixed(self) -> None:
         o, x = self.o, self.rng.random()
@@ -207,7 +223,7 @@ class SPOUser(HttpUser):
             self.generate()
 
     def generate(self) -> None:
-        with self.client.post("/generate", json=self._body(), name="/generate", catch_response=True,
+        with self.client.post("/generate", json=self._checked(GENERATE, self._body()), name="/generate", catch_response=True,
                               timeout=self.o.request_timeout) as resp:
             kind = _classify(resp)
             if kind is None and not resp.headers.get("content-type", "").startswith("image/"):
@@ -215,7 +231,7 @@ class SPOUser(HttpUser):
             resp.failure(kind) if kind else resp.success()
 
     def generate_batch(self) -> None:
-        body = {**self._body(), "n": self.rng.randint(*self.batch_n)}
+        body = self._checked(GENERATE_BATCH, {**self._body(), "n": self.rng.randint(*self.batch_n)})
         with self.client.post("/generate_batch", json=body, name="/generate_batch", catch_response=True,
                               timeout=self.o.request_timeout) as resp:
             kind = _classify(resp)

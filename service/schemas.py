@@ -1,32 +1,76 @@
-"""HTTP bodies of the admin and helper routes, error bodies, and the body-size limit."""
+"""HTTP bodies: the generation bodies derived from the one request model, the admin and training
+bodies, the batch response and the error body, and what /docs.json declares for each route."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from spo_runtime.requests import validation_error
+from spo_runtime.requests import MAX_SEED, GenerationRequest
 
-GENERATION_BODY_LIMIT = 64 * 1024
-TRAINING_BODY_LIMIT = 8 * 1024 * 1024
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_N = 8
 
 
-class ScaleBody(BaseModel):
+class OutputFields(BaseModel):
+    """What the HTTP routes add to a generation request: how to encode the answer and how long to wait."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the image(s).")
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality, 1..100 (ignored for PNG).")
+    timeout_s: float | None = Field(
+        None, gt=0, le=3600, allow_inf_nan=False,
+        description="Deadline in seconds, (0, 3600], capped by SPO_REQUEST_TIMEOUT_S; past it the answer is 504.")
+
+
+def generation_bodies(size_range: tuple[int, int]) -> tuple[type[BaseModel], type[BaseModel]]:
+    """(/generate's body, /generate_batch's body) for a preset's size range: the request model plus the
+    output fields; the batch body adds `n`."""
+    request = GenerationRequest.for_sizes(*size_range)
+    fields = {name: (f.annotation, f) for name, f in OutputFields.model_fields.items()}
+    single = create_model("GenerateBody", __base__=request, __module__=__name__, __doc__="Body of POST /generate.",
+                          **fields)
+    batch = create_model(
+        "GenerateBatchBody", __base__=single, __module__=__name__,
+        __doc__=f"Body of POST /generate_batch: n images of one prompt with seeds seed..seed+n-1 "
+                f"(seed + n - 1 must stay <= {MAX_SEED}: a 400 naming `seed`).",
+        __validators__={"_seed_room": model_validator(mode="after")(_seed_room)},
+        n=(int, Field(1, ge=1, le=MAX_N, description=f"Images, 1..{MAX_N}.")))
+    return single, batch
+
+
+def _seed_room(body):
+    if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
+        raise ValueError(f"seed: with n={body.n} must be in 0..{MAX_SEED - body.n + 1} (seeds seed..seed+n-1), "
+                         f"got {body.seed}")
+    return body
+
+
+def request_dict(body: BaseModel) -> dict:
+    """The core request of a generation body: the output fields and `n` removed, unset optionals dropped
+    (an absent negative prompt stays None: SDXL's zero embedding)."""
+    out = body.model_dump(exclude=set(OutputFields.model_fields) | {"n"})
+    return {k: v for k, v in out.items() if v is not None or k == "negative_prompt"}
+
+
+# -- admin and training bodies ---------------------------------------------------------------
+
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    scale: float
 
 
-class NameBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ScaleBody(_Strict):
+    scale: float = Field(ge=-2.0, le=2.0, allow_inf_nan=False)
+
+
+class NameBody(_Strict):
     name: str | None
 
 
-class TrainSubmitBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class TrainSubmitBody(_Strict):
     prompts: list[str] | None = None
     prompts_file: str | None = None
     config: dict[str, Any] = {}
@@ -34,88 +78,92 @@ class TrainSubmitBody(BaseModel):
     output_adapter: str | None = None
 
 
-class JobBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class JobBody(_Strict):
     job_id: str
 
 
-class LoadBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class LoadBody(_Strict):
     name: str
     file: str
     replace: bool = False
 
 
-def error_body(status: int, message: str, field: str | None = None, errors: list[tuple[str, str]] | None = None) -> dict:
-    """One shape for every error: BentoML's own validation errors look the same."""
-    body: dict[str, Any] = {"error": message, "status": status}
-    if errors:
-        body["detail"] = [{"loc": [f], "msg": m, "type": "value_error"} for f, m in errors]
-    elif field:
-        body["detail"] = [{"loc": [field], "msg": message, "type": "value_error"}]
-    return body
+# -- responses -------------------------------------------------------------------------------
 
 
-def error_response(status: int, message: str, field: str | None = None, errors=None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, field, errors), status_code=status, headers=headers)
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(description="Where: the field's name (or 'body', 'authorization', ...).")
+    msg: str = Field(description="What is wrong and what is allowed.")
+    type: str
 
 
-def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
-    """JSON body -> model, or InvalidRequestError naming the field."""
-    from spo_runtime.errors import InvalidRequestError
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer of every route, ours or the framework's."""
 
-    try:
-        data = json.loads(raw or b"{}")
-    except json.JSONDecodeError as e:
-        raise InvalidRequestError("body", f"must be JSON ({e.msg} at position {e.pos})") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("body", "must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e) from None
+    error: str = Field(description="One line: the field, what is wrong, what is allowed.")
+    status: int
+    detail: list[ErrorDetail]
 
 
-class BodyLimitMiddleware:
-    """Refuse bodies over the route's limit (Content-Length or streamed) with a 400 naming the limit."""
-
-    def __init__(self, app, limits: dict[str, int] | None = None, default: int = TRAINING_BODY_LIMIT):
-        self.app = app
-        self.limits = limits or {"/generate": GENERATION_BODY_LIMIT, "/generate_batch": GENERATION_BODY_LIMIT}
-        self.default = default
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        limit = self.limits.get(scope.get("path", ""), self.default)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await self._refuse(send, limit, int(length))
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge(seen)
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge as e:
-            await self._refuse(send, limit, e.size)
-
-    @staticmethod
-    async def _refuse(send, limit: int, size: int):
-        body = json.dumps(error_body(400, f"body: must be at most {limit} bytes, got {size}", "body")).encode()
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+class BatchImage(BaseModel):
+    seed: int
+    format: Literal["png", "jpeg", "webp"]
+    image: str = Field(description="base64 of the encoded image")
 
 
-class _TooLarge(Exception):
-    def __init__(self, size: int):
-        self.size = size
+class BatchResponse(BaseModel):
+    images: list[BatchImage]
+    seeds: list[int]
+    lora_scale: float
+    adapter: str | None
+    adapter_sha256: str
+    prompt_truncated: bool
+    timings_ms: dict[str, float]
+    request_id: str
+
+
+ERROR_STATUSES = {
+    400: "Invalid request (or a body over 64 KiB): the body names the field and the allowed range.",
+    415: "The body is not JSON (Content-Type must be application/json).",
+    429: "Queue full (SPO_MAX_QUEUE): retry after Retry-After seconds.",
+    499: "The client disconnected; the request left the batch.",
+    500: "Internal error (a non-finite image, or a bug: see the server log).",
+    503: "Not ready, stopping, or a step failed on the device: retry after Retry-After seconds.",
+    504: "The request's deadline (timeout_s, SPO_REQUEST_TIMEOUT_S) passed.",
+}
+
+
+def declare_responses(doc: dict, routes: dict[str, tuple[list[str], type[BaseModel] | None]]) -> dict:
+    """BentoML's OpenAPI document (as JSON) with, for each generation route, its 200 media types and
+    the error body of every status it can answer. BentoML builds the document anew on every GET
+    /docs.json and declares only its own three error schemas, so the door middleware applies this."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ErrorDetail, ErrorBody, BatchImage, BatchResponse):
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    retry = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    for route, (media, model) in routes.items():
+        post = doc["paths"][route]["post"]
+        body = {"$ref": f"#/components/schemas/{model.__name__}"} if model else {"type": "string", "format": "binary"}
+        ok = {"description": "Success; parameters and timings in the X-* headers.",
+              "content": {m: {"schema": body} for m in media}}
+        post["responses"] = {"200": ok, **{str(code): {**error, "description": text, **({"headers": retry} if code in (429, 503) else {})}
+                                           for code, text in ERROR_STATUSES.items()}}
+    return _openapi30(doc)
+
+
+def _openapi30(node):
+    """The document says OpenAPI 3.0, whose exclusiveMinimum/Maximum are booleans beside minimum/maximum;
+    pydantic writes JSON Schema 2020-12's numbers. Rewrite them (in place) so validators accept the document."""
+    if isinstance(node, dict):
+        for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if isinstance(node.get(bound), (int, float)) and not isinstance(node.get(bound), bool):
+                node[plain], node[bound] = node[bound], True
+        for value in node.values():
+            _openapi30(value)
+    elif isinstance(node, list):
+        for value in node:
+            _openapi30(value)
+    return node

@@ -10,6 +10,7 @@ from .errors import (
     AdapterMemoryError,
     AdapterNotFoundError,
     CheckpointFormatError,
+    ConfigError,
     InvalidRequestError,
     LoraFormatError,
     ModelLoadError,
@@ -21,13 +22,8 @@ from .requests import GeneratedImage, GenerationRequest
 from .settings import Settings
 
 
-def generate(pipe: SpoPipeline, requests) -> list[GeneratedImage]:
-    """`pipe.generate(requests)`: a list of requests -> their images, in one batched loop."""
-    return pipe.generate(requests)
-
-
 __all__ = [
-    "AdapterInUseError", "AdapterMemoryError", "AdapterNotFoundError", "CheckpointFormatError",
+    "AdapterInUseError", "AdapterMemoryError", "AdapterNotFoundError", "CheckpointFormatError", "ConfigError",
     "GeneratedImage", "GenerationRequest", "InvalidRequestError", "LoraFormatError", "ModelLoadError",
-    "NonFiniteError", "Settings", "SpoError", "SpoPipeline", "__version__", "generate", "load_pipeline", "save_tiny",
+    "NonFiniteError", "Settings", "SpoError", "SpoPipeline", "__version__", "load_pipeline", "save_tiny",
 ]

@@ -66,3 +66,13 @@ def is_oom(e: BaseException) -> bool:
     import torch
 
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class ConfigError(SpoError, ValueError):
+    """An SPO_* variable (or a Settings field) holds a value outside what it allows: the server exits at
+    start with one line naming the variable."""
+
+    def __init__(self, variable: str, message: str):
+        self.variable = variable
+        self.message = message
+        super().__init__(f"{variable}: {message}")

@@ -4,15 +4,16 @@ request carries while it runs (`RequestState`)."""
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
 from .errors import InvalidRequestError
 from .sampler import SCHEDULERS, RowState
@@ -20,133 +21,151 @@ from .sampler import SCHEDULERS, RowState
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def _range(name: str, v: float, lo: float, hi: float) -> None:
-    if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"must be a finite number in {lo}..{hi}, got {v}")
-    if not lo <= v <= hi:
-        raise ValueError(f"must be in {lo}..{hi}, got {v}")
+ADAPTER_NAME_RULE = "1..64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+SIZE_RANGE = (32, 2048)  # the widest any preset allows; `for_sizes` narrows it to a preset's range
+Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
 
 
 class GenerationRequest(BaseModel):
-    """One text-to-image request. Field names are the HTTP names.
+    """One text-to-image request: the one schema of /generate, /generate_batch, the CLI and the load test.
 
-    Validate with `GenerationRequest.parse(data, size_range=(lo, hi))` to get an
-    `InvalidRequestError` naming the field and the allowed range.
+    Field names are the HTTP names; bounds, enums and descriptions here are what /docs.json publishes.
+    Validate with `GenerationRequest.parse(data, size_range=(lo, hi))` to get an `InvalidRequestError`
+    naming the field and the allowed range. Types are strict: "20" is not a step count and true is not a
+    seed (integers are accepted where a number is expected).
     """
 
-    # strict: "20" is not a step count, true is not a seed (ints are still accepted for floats)
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True,
+                              # OpenAPI 3.0's singular `example` (BentoML's document is 3.0)
+                              json_schema_extra={"example": {"prompt": "a watercolor fox in a snowy forest", "seed": 42,
+                                                             "num_inference_steps": 20}})
 
-    prompt: str
-    negative_prompt: str | None = None  # None: SDXL's zero negative embedding; "" is encoded
-    width: int | None = None  # None: the preset's default (1024 for SDXL, 64 for tiny)
-    height: int | None = None
-    num_inference_steps: int = 20
-    guidance_scale: float = 5.0  # <= 1 disables classifier-free guidance
-    scheduler: str = "ddim"
-    seed: int | None = None  # None: drawn and reported
-    lora_scale: float | None = None  # None: the server's current default
-    adapter: str | None = None  # None: the server's current default adapter
-    eta: float = 0.0  # DDIM stochasticity (0 = deterministic DDIM); ddim only
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must be a non-empty string")
-        if len(v) > MAX_PROMPT_CHARS:
-            raise ValueError(f"must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
-        return v
-
-    @field_validator("negative_prompt")
-    @classmethod
-    def _negative(cls, v: str | None) -> str | None:
-        if v is not None and len(v) > MAX_PROMPT_CHARS:
-            raise ValueError(f"must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
-        return v
-
-    @field_validator("width", "height")
-    @classmethod
-    def _size(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is None:
-            return v
-        lo, hi = (info.context or {}).get("size_range", (64, 4096))
-        if v % 8 or not lo <= v <= hi:
-            raise ValueError(f"must be a multiple of 8 in {lo}..{hi}, got {v}")
-        return v
-
-    @field_validator("num_inference_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        _range("num_inference_steps", v, 1, 100)
-        return v
-
-    @field_validator("guidance_scale")
-    @classmethod
-    def _guidance(cls, v: float) -> float:
-        _range("guidance_scale", v, 0.0, 30.0)
-        return v
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler(cls, v: str) -> str:
-        if v not in SCHEDULERS:
-            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}, got {v!r}")
-        return v
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= MAX_SEED:
-            raise ValueError(f"must be in 0..{MAX_SEED}, got {v}")
-        return v
-
-    @field_validator("lora_scale")
-    @classmethod
-    def _scale(cls, v: float | None) -> float | None:
-        if v is not None:
-            _range("lora_scale", v, -2.0, 2.0)
-        return v
-
-    @field_validator("adapter")
-    @classmethod
-    def _adapter(cls, v: str | None) -> str | None:
-        if v is not None and not ADAPTER_NAME.match(v):
-            raise ValueError("must be 1..64 characters of letters, digits, '_', '.', '-', starting with a letter or digit")
-        return v
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S",
+                        description="What to draw: 1..4000 characters, not only whitespace.",
+                        json_schema_extra={"example": "a watercolor fox in a snowy forest"})
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS,
+        description="What to avoid. Absent or null: SDXL's all-zero negative embedding; \"\" is encoded as empty text.")
+    width: int | None = Field(None, ge=SIZE_RANGE[0], le=SIZE_RANGE[1], multiple_of=8,
+                              description="Image width in pixels, a multiple of 8 in the preset's range; null: the preset's default.")
+    height: int | None = Field(None, ge=SIZE_RANGE[0], le=SIZE_RANGE[1], multiple_of=8,
+                               description="Image height in pixels, a multiple of 8 in the preset's range; null: the preset's default.")
+    num_inference_steps: int = Field(20, ge=1, le=100, description="Denoising steps, 1..100.")
+    guidance_scale: float = Field(5.0, ge=0.0, le=30.0, allow_inf_nan=False,
+                                  description="Classifier-free guidance, 0..30; <= 1 disables guidance (one UNet pass per step).")
+    scheduler: Scheduler = Field("ddim", description="Sampler: " + ", ".join(SCHEDULERS) + ".")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"0..{MAX_SEED}; null: drawn and reported in X-Seed.")
+    lora_scale: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False,
+                                     description="LoRA scale, -2..2; null: the server's current default.")
+    adapter: str | None = Field(None, pattern=ADAPTER_NAME.pattern, max_length=64,
+                                description=f"Name of a loaded adapter ({ADAPTER_NAME_RULE}); null: the server's default "
+                                            "adapter. A name that is not loaded is a 400 naming `adapter`.")
+    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                       description="DDIM stochasticity, 0..1 (0: deterministic). Must be 0 unless scheduler is 'ddim' "
+                                   "(a 400 naming `eta`).")
 
     @field_validator("eta")
     @classmethod
     def _eta(cls, v: float, info: ValidationInfo) -> float:
-        _range("eta", v, 0.0, 1.0)
         if v > 0 and info.data.get("scheduler", "ddim") != "ddim":
             raise ValueError("must be 0 unless scheduler is 'ddim'")
         return v
+
+    @classmethod
+    @functools.cache
+    def for_sizes(cls, lo: int, hi: int) -> type[GenerationRequest]:
+        """This model with width and height bounded to a preset's range (cached: one class per range)."""
+        if (lo, hi) == SIZE_RANGE:
+            return cls
+        size = {name: (int | None, Field(None, ge=lo, le=hi, multiple_of=8, description=f.description))
+                for name, f in cls.model_fields.items() if name in ("width", "height")}
+        return create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **size)
 
     @classmethod
     def parse(cls, data: Any, size_range: tuple[int, int] | None = None) -> GenerationRequest:
         """Validate `data` (a dict or a request); raise InvalidRequestError naming every bad field."""
         if isinstance(data, GenerationRequest):
             data = data.model_dump(exclude_unset=True)
-        context = {"size_range": size_range} if size_range else None
+        model = cls.for_sizes(*size_range) if size_range else cls
         try:
-            return cls.model_validate(data, context=context)
+            return model.model_validate(data)
         except ValidationError as e:
-            raise validation_error(e) from None
+            raise validation_error(e, model) from None
 
 
-def validation_error(e: ValidationError) -> InvalidRequestError:
-    """Pydantic's errors -> one InvalidRequestError (first field; every problem in `.errors`)."""
+_TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a JSON object",
+          "list": "a list", "literal": "one of the listed values"}
+_PATTERN_RULES = {"prompt": "must be a non-empty string (not only whitespace)", "adapter": f"must be {ADAPTER_NAME_RULE}",
+                  "device": "must be cpu, cuda, cuda:N or mps", "train_device": "must be cpu, cuda, cuda:N or mps"}
+
+
+def allowed(model: type[BaseModel], name: str) -> str:
+    """The allowed values of a field, in words, from its declared constraints (what /docs.json says)."""
+    f = model.model_fields.get(name)
+    if f is None:
+        return ""
+    c: dict[str, Any] = {}
+    for m in f.metadata:
+        for key in ("ge", "le", "gt", "lt", "multiple_of", "min_length", "max_length"):
+            if getattr(m, key, None) is not None:
+                c[key] = getattr(m, key)
+    args = getattr(f.annotation, "__args__", ())
+    literal = [a for a in args if getattr(a, "__origin__", None) is Literal] or (
+        [f.annotation] if getattr(f.annotation, "__origin__", None) is Literal else [])
+    if literal:
+        return "one of " + ", ".join(map(str, literal[0].__args__))
+    if "ge" in c or "gt" in c:
+        lo = c.get("ge", c.get("gt"))
+        hi = c.get("le", c.get("lt"))
+        if hi is None:
+            return f"> {lo}" if "gt" in c else f">= {lo}"
+        rng = f"({lo}, {hi}]" if "gt" in c else f"{lo}..{hi}"
+        return f"a multiple of {c['multiple_of']} in {rng}" if "multiple_of" in c else f"in {rng}"
+    if "max_length" in c:
+        return f"{c.get('min_length', 0)}..{c['max_length']} characters"
+    if "min_length" in c:
+        return f"at least {c['min_length']} characters"
+    return ""
+
+
+def validation_error(e: ValidationError, model: type[BaseModel] | None = None) -> InvalidRequestError:
+    """Pydantic's errors -> one InvalidRequestError naming the first field, every problem in `.errors`.
+    Each message says what is allowed (the field's declared range or values) and what was given."""
     problems = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        name = str(err["loc"][0]) if err["loc"] else ""
+        kind, got = err["type"], err.get("input")
+        rule = allowed(model, name) if model is not None else ""
+        if isinstance(got, (int, float, str, bool)) and len(repr(got)) < 80:
+            shown = f"got {got!r}"
+        else:
+            shown = f"got {len(got)} characters" if isinstance(got, str) else f"got {type(got).__name__}"
+        if kind == "extra_forbidden":
             msg = "unknown field"
-        elif err["type"] == "missing":
+        elif kind == "missing":
             msg = "field required"
+        elif not err["loc"] and model is not None and re.match(r"^\w+: ", msg := err["msg"].removeprefix("Value error, ")) \
+                and msg.split(":")[0] in model.model_fields:
+            loc, msg = msg.split(": ", 1)  # a model-level check names its field as "field: ..."
+        elif kind == "model_type" or (kind == "dict_type" and not err["loc"]):
+            loc, msg = "body", "must be a JSON object"
+        elif kind == "json_invalid":
+            loc, msg = "body", f"must be JSON ({err.get('ctx', {}).get('error', err['msg'])})"
+        elif kind == "string_pattern_mismatch" and name in _PATTERN_RULES:
+            msg = _PATTERN_RULES[name]
+        elif kind.endswith("_type") or kind.endswith("_parsing") or kind == "finite_number":
+            what = _TYPES.get(kind.split("_")[0], kind.removesuffix("_type"))
+            if kind == "finite_number":
+                what = "a finite number"
+            msg = f"must be {what}" + (f" {rule}" if rule and not rule.startswith("one of") else "") + f", {shown}"
+        elif kind == "literal_error" or kind == "enum":
+            msg = f"must be {rule or err['msg']}, {shown}"
+        elif rule and kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than", "multiple_of",
+                               "string_too_long", "string_too_short"):
+            msg = f"must be {rule}, {shown}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
         problems.append((loc, msg))
     first, rest = problems[0], problems[1:]
     out = InvalidRequestError(first[0], first[1] + "".join(f"; {f}: {m}" for f, m in rest))
@@ -211,7 +230,6 @@ class RequestState:
     negative_pooled: torch.Tensor | None = None
     prompt_truncated: bool = False
     status: Status = Status.WAITING
-    error: BaseException | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_start: float | None = None
     timings: dict[str, float] = field(default_factory=dict)

@@ -1,56 +1,107 @@
-"""Typed settings, read from SPO_* environment variables (the configuration table of the README)."""
+"""One typed `Settings` for every SPO_* environment variable (the README's configuration table).
+
+Read once at start (`Settings.from_env()`) and passed down explicitly: the model loader, the engine, the
+service, the admin store and the training supervisor take their values from this object, never from
+`os.environ`. A bad variable raises `ConfigError` naming the variable and the allowed values; the
+server turns that into one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import InvalidRequestError
+from .errors import ConfigError
 
-PRESETS = ("auto", "sdxl-spo", "sdxl-random", "tiny")
+log = logging.getLogger("spo_runtime.settings")
+
+# Fields whose variable is not simply SPO_<FIELD>
+ENV_NAMES = {"embed_cache_size": "SPO_EMBED_CACHE"}
+# SPO_* variables read by something other than this object (tools, benchmarks, later features): no warning
+SECRETS = {"admin_token"}
+OTHER_VARIABLES = {"SPO_BENCH_MAX_BATCH", "SPO_BENCH_MAX_LATENCY_MS", "SPO_PARENT_PID"}
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: Literal["auto", "sdxl-spo", "sdxl-random", "tiny"] = "auto"  # SPO_MODEL
-    base_model: str | None = None  # SPO_BASE_MODEL: hub id or diffusers pipeline directory
-    vae: str | None = None  # SPO_VAE: hub id or AutoencoderKL directory
-    lora: str | None = None  # SPO_LORA: LoRA file (diffusers or webui layout, .safetensors)
-    device: str | None = None  # SPO_DEVICE: cuda, cuda:1, cpu; default cuda when available
-    dtype: Literal["float16", "bfloat16", "float32"] | None = None  # SPO_DTYPE; default by device and preset
-    attention: Literal["sdpa", "xformers"] = "sdpa"  # SPO_ATTENTION
-    lora_scale: float = Field(1.0, ge=-2.0, le=2.0)  # SPO_LORA_SCALE: default scale of new requests
-    lora_fuse: bool = True  # SPO_LORA_FUSE: fuse the default adapter at the default scale at load
-    adapter_memory_mb: float | None = Field(None, gt=0)  # SPO_ADAPTER_MEMORY_MB: cap on loaded adapters
-    embed_cache_size: int = Field(512, ge=0)  # SPO_EMBED_CACHE: prompt embeddings kept (LRU)
-    torch_threads: int | None = Field(None, ge=1)  # SPO_TORCH_THREADS
-    compile: bool = False  # SPO_COMPILE: torch.compile the UNet (minutes of warm-up; see RESULTS.md)
+    # -- the model ---------------------------------------------------------------------------
+    model: Literal["auto", "sdxl-spo", "sdxl-random", "tiny"] = Field(
+        "auto", description="preset: sdxl-spo with CUDA, tiny without, when auto")
+    base_model: str | None = Field(None, description="hub id or diffusers SDXL pipeline directory")
+    vae: str | None = Field(None, description="hub id or AutoencoderKL directory")
+    lora: str | None = Field(None, description="LoRA file (.safetensors)")
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="cpu, cuda or cuda:N")
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    lora_scale: float = Field(1.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="default scale of new requests")
+    lora_fuse: bool = True
+    adapter_memory_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    embed_cache_size: int = Field(512, ge=0)
+    torch_threads: int | None = Field(None, ge=1)
+    compile: bool = False
+
+    # -- the engine --------------------------------------------------------------------------
+    max_batch: int = Field(8, ge=1, le=256, description="images per UNet call")
+    max_queue: int = Field(64, ge=0, description="waiting images before 429")
+    request_timeout_s: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False)
+    batching: Literal["step", "request"] = "step"
+
+    # -- the service -------------------------------------------------------------------------
+    data_dir: Path = Path(".data")
+    adapter_dir: Path | None = Field(None, description="default: SPO_DATA_DIR/adapters")
+    admin_token: str | None = Field(None, min_length=8, description="bearer token of /admin/* and /train/*")
+    workers: int = Field(1, ge=1, le=64)
+    log_prompts: bool = False
+
+    # -- training ----------------------------------------------------------------------------
+    train_device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="default: SPO_DEVICE")
+
+    @property
+    def adapters_path(self) -> Path:
+        """SPO_ADAPTER_DIR, or SPO_DATA_DIR/adapters."""
+        return self.adapter_dir if self.adapter_dir is not None else self.data_dir / "adapters"
+
+    def engine_config(self):
+        from .engine import EngineConfig
+
+        return EngineConfig(max_batch=self.max_batch, max_queue=self.max_queue,
+                            request_timeout_s=self.request_timeout_s, batching=self.batching)
+
+    @staticmethod
+    def variable(name: str) -> str:
+        return ENV_NAMES.get(name, f"SPO_{name.upper()}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
-        """Settings from SPO_* variables; `overrides` win. Errors name the variable."""
+        """Settings from SPO_* variables; `overrides` (not None) win. Raises ConfigError naming the variable."""
+        from .requests import allowed, validation_error
+
         env = os.environ if environ is None else environ
+        names = {cls.variable(f): f for f in cls.model_fields}
         values: dict = {}
-        for name in cls.model_fields:
-            raw = env.get(f"SPO_{name.upper()}")
-            if raw is not None and raw != "":
-                values[name] = _parse_bool(raw) if name in ("lora_fuse", "compile") else raw
+        for var, f in names.items():
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                values[f] = raw.strip()
+        unknown = sorted(k for k in env if k.startswith("SPO_") and k not in names and k not in OTHER_VARIABLES)
+        if unknown:
+            log.warning("unknown SPO_ variables (ignored): %s", ", ".join(unknown))
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)
         except ValidationError as e:
-            err = e.errors()[0]
-            field = str(err["loc"][0]) if err["loc"] else "settings"
-            raise InvalidRequestError(f"SPO_{field.upper()}", err["msg"]) from None
-
-
-def _parse_bool(raw: str) -> bool | str:
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    return raw
+            err = validation_error(e, cls)
+            first = err.errors[0][0].split(".")[0]
+            var = cls.variable(first) if first in cls.model_fields else "settings"
+            message = err.message.split("; ")[0]
+            if first in SECRETS:  # a token is never echoed, not even a wrong one
+                message = message.split(", got ")[0]
+            rule = allowed(cls, first)
+            if rule and rule not in message:
+                message += f" (allowed: {rule})"
+            raise ConfigError(var, message) from None

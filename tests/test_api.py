@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import max_pixel_diff
-from spo_runtime import GenerationRequest, InvalidRequestError, ModelLoadError, NonFiniteError, Settings, load_pipeline
+from spo_runtime import ConfigError, GenerationRequest, InvalidRequestError, ModelLoadError, NonFiniteError, Settings, load_pipeline
 from spo_runtime.models import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +100,9 @@ def test_settings_from_env_and_auto_preset():
     assert s.lora_scale == 0.5 and s.lora_fuse is False
     preset, device, dtype = resolve(s)
     assert (preset.name, device.type, dtype) == ("tiny", "cpu", torch.float32)  # no CUDA here
-    with pytest.raises(InvalidRequestError, match="SPO_LORA_SCALE"):
+    with pytest.raises(ConfigError, match="SPO_LORA_SCALE"):  # a configuration error, not a request's 400
         Settings.from_env({"SPO_LORA_SCALE": "9"})
-    with pytest.raises(InvalidRequestError, match="SPO_MODEL"):
+    with pytest.raises(ConfigError, match="SPO_MODEL"):
         Settings.from_env({"SPO_MODEL": "sd15"})
 
 
