@@ -1,24 +1,31 @@
 """Runtime throughput: spo_runtime vs diffusers' StableDiffusionXLPipeline (LoRA unfused), same model,
 same requests, both called from the main thread of this process.
 
-    python benchmarks/bench_runtime.py [--steps 20] [--repeats 3] [--json out.json]
+    python benchmarks/bench_runtime.py [--steps 20] [--repeats 3] [--tag runtime]
 
 Prints images/s at batch 1, 4 and 8 for both, the ratios, and the cost of mixed per-sample LoRA scales
-against one uniform (fused) scale at batch 8. Uses the tiny preset saved to a temporary directory
-unless --model-dir is given.
+against one uniform (fused) scale at batch 8, and writes them to benchmarks/results/<tag>.json (the
+goals they are held against are in benchmarks/RESULTS.md). Uses the tiny preset saved to a temporary
+directory unless --model-dir is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from report import dumps, machine, rounded  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -37,7 +44,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--model-dir", default=None, help="a save-tiny directory (default: write one to a temp dir)")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--tag", default="runtime", help="write <results-dir>/<tag>.json")
+    ap.add_argument("--results-dir", default=str(HERE / "results"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,11 +92,14 @@ def main() -> None:
     overhead = t_mixed / t_uniform - 1
     print(f"batch {n}: uniform fused scale {n / t_uniform:.2f} img/s, mixed per-sample scales {mixed} "
           f"{n / t_mixed:.2f} img/s: overhead {overhead * 100:+.1f}%")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "batch": n, "uniform_img_s": n / t_uniform, "mixed_img_s": n / t_mixed,
-                       "mixed_overhead": overhead, "steps": steps, "torch": torch.__version__,
-                       "threads": torch.get_num_threads()}, fh, indent=2)
+    out = Path(args.results_dir) / f"{args.tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(("torch", "diffusers")),
+           "command": " ".join(["benchmarks/bench_runtime.py", *sys.argv[1:]]), "rows": rows, "batch": n,
+           "uniform_img_s": n / t_uniform, "mixed_img_s": n / t_mixed, "mixed_overhead": overhead, "steps": steps,
+           "torch": torch.__version__, "threads": torch.get_num_threads()}
+    out.write_text(dumps(rounded(res)) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
