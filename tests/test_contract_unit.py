@@ -1,0 +1,102 @@
+"""The door middleware (service.errors.Contract) on a small Starlette app, in process: body limits, media
+types, schema validation before the app runs, error reshaping, and the OpenAPI additions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from service.errors import Contract
+from service.schemas import _openapi30
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(min_length=1)
+    steps: int = Field(20, ge=1, le=100)
+
+
+calls: list[bytes] = []
+
+
+async def echo(request: Request):
+    raw = await request.body()
+    calls.append(raw)
+    return JSONResponse({"got": json.loads(raw)})
+
+
+async def boom(request: Request):
+    return PlainTextResponse("An unexpected error has occurred", status_code=500)
+
+
+async def framework_400(request: Request):  # the shape BentoML's validator answers
+    return JSONResponse({"error": "1 validation error for Input", "detail": [{"type": "int_type", "loc": ["steps"], "msg": "bad"}]},
+                        status_code=400)
+
+
+async def docs(request: Request):
+    return JSONResponse({"paths": {}, "components": {"schemas": {"X": {"type": "number", "exclusiveMinimum": 0}}}})
+
+
+def client(limit=64):
+    app = Starlette(routes=[Route("/gen", echo, methods=["POST"]), Route("/other", echo, methods=["POST"]),
+                            Route("/boom", boom), Route("/fw", framework_400), Route("/docs.json", docs)])
+    return TestClient(Contract(app, models={"/gen": Body}, limits={"/gen": limit}, default_limit=128,
+                               docs=lambda d: {**d, "patched": True}))
+
+
+def test_valid_body_reaches_the_app_unchanged():
+    calls.clear()
+    r = client().post("/gen", content=b'{"prompt": "a", "steps": 3}', headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json() == {"got": {"prompt": "a", "steps": 3}}
+    assert calls == [b'{"prompt": "a", "steps": 3}']
+
+
+@pytest.mark.parametrize("body,field,needle", [
+    ({"prompt": "a", "steps": True}, "steps", "integer"),
+    ({"prompt": "a", "steps": 0}, "steps", "1..100"),
+    ({"steps": 3}, "prompt", "field required"),
+    ({"prompt": "a", "x": 1}, "x", "unknown field"),
+])
+def test_invalid_body_never_reaches_the_app(body, field, needle):
+    calls.clear()
+    r = client().post("/gen", json=body)
+    assert r.status_code == 400 and calls == []
+    err = r.json()
+    assert err["status"] == 400 and err["detail"][0]["loc"] == [field] and needle in err["error"]
+
+
+def test_limits_and_media_types():
+    c = client(limit=64)
+    r = c.post("/gen", content=b'{"prompt": "' + b"a" * 100 + b'"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "at most 64 bytes" in r.json()["error"]
+    r = c.post("/other", content=b"x" * 200)  # streamed past the default limit
+    assert r.status_code == 400 and "at most 128 bytes" in r.json()["error"]
+    r = c.post("/gen", content=b"prompt=a", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and r.json()["detail"][0]["loc"] == ["content-type"]
+    r = c.post("/gen", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_framework_errors_are_reshaped():
+    c = client()
+    r = c.get("/boom")
+    assert r.status_code == 500 and r.json() == {"error": "internal error: see the server log", "status": 500,
+                                                 "detail": [{"loc": [], "msg": "internal error: see the server log",
+                                                             "type": "internal_server_error"}]}
+    r = c.get("/fw")
+    assert r.json() == {"error": "steps: bad", "status": 400, "detail": [{"loc": ["steps"], "msg": "bad", "type": "int_type"}]}
+    r = c.get("/nowhere")
+    assert r.status_code == 404 and r.json()["status"] == 404 and r.headers["content-length"] == str(len(r.content))
+
+
+def test_docs_are_patched_and_openapi30():
+    assert client().get("/docs.json").json()["patched"] is True
+    assert _openapi30({"a": [{"exclusiveMinimum": 0, "maximum": 3}]}) == {"a": [{"minimum": 0, "exclusiveMinimum": True, "maximum": 3}]}
