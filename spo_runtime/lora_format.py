@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -16,6 +15,7 @@ import safetensors.torch
 import torch
 
 from spo_runtime.errors import LoraFormatError
+from spo_runtime.fsutil import atomic_write
 
 Layout = Literal["diffusers", "webui"]
 
@@ -305,29 +305,5 @@ def save_lora_file(
     if not modules:
         raise LoraFormatError(f"{path}: refusing to write a LoRA without modules")
     data = safetensors.torch.save(lora_state_dict(modules, layout), metadata=metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself; best effort, as some platforms cannot open a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

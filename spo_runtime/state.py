@@ -1,46 +1,30 @@
-"""Admin state shared by every worker and kept across restarts: default scale, default adapter and the
-adapters loaded from SPO_ADAPTER_DIR, in SPO_DATA_DIR/admin_state.json.
+"""Admin settings shared by every worker and kept across restarts: default scale, default adapter and
+the adapters loaded from SPO_ADAPTER_DIR, in SPO_DATA_DIR/admin_state.json (`AdminStore`).
 
-A worker that takes an admin call applies it, then records it here (atomic replace under a file
-lock); every worker converges to the recorded state at its next step boundary (`StateSync.poll`, run
-by the engine thread) and reports what it applied in SPO_DATA_DIR/workers/<pid>.json.
+A worker that takes an admin call applies it, then records it in the store (atomic replace under a
+file lock); every worker converges to the recorded settings at its next step boundary
+(`AdminSync.poll`, run by the engine thread) and reports what it applied in
+SPO_DATA_DIR/workers/<pid>.json.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import InvalidRequestError, SpoError
+from .fsutil import write_json_atomic
 from .models import file_sha256
 
 log = logging.getLogger("spo_runtime.state")
 
 # default_lora_scale / default_adapter are present only once an admin set them
 EMPTY: dict[str, Any] = {"version": 0, "adapters": {}, "removed": []}
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside `path`, fsync, then rename over it: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def resolve_under(root: Path, relative: str, field: str, suffixes: tuple[str, ...] = (".safetensors",)) -> Path:
@@ -58,7 +42,9 @@ def resolve_under(root: Path, relative: str, field: str, suffixes: tuple[str, ..
     return path
 
 
-class AdminState:
+class AdminStore:
+    """The recorded admin settings: read by any process, changed only through `mutate` (file lock)."""
+
     def __init__(self, data_dir: str | Path, adapter_dir: str | Path):
         self.data_dir = Path(data_dir)
         self.adapter_dir = Path(adapter_dir)
@@ -93,12 +79,12 @@ class AdminState:
             return state
 
 
-class StateSync:
-    """Converges one worker's pipeline to the recorded admin state (called at step boundaries)."""
+class AdminSync:
+    """Converges one worker's pipeline to the recorded admin settings (called at step boundaries)."""
 
-    def __init__(self, pipe, state: AdminState, on_change: Callable[[], None] | None = None):
+    def __init__(self, pipe, store: AdminStore, on_change: Callable[[], None] | None = None):
         self.pipe = pipe
-        self.state = state
+        self.store = store
         self.applied_version = -1
         self.errors: dict[str, str] = {}
         self.on_change = on_change
@@ -111,15 +97,15 @@ class StateSync:
         """Called at every step boundary: a stat, and a read only when the file changed (or an
         unload is still pending)."""
         try:
-            st = self.state.path.stat()
+            st = self.store.path.stat()
             seen = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             seen = None
         if seen == self._seen and not self._pending:
             return
         self._seen = seen
-        if self.state.version() != self.applied_version:
-            self.apply(self.state.read())
+        if self.store.version() != self.applied_version:
+            self.apply(self.store.read())
 
     def apply(self, s: dict) -> None:
         reg = self.pipe.registry
@@ -128,7 +114,7 @@ class StateSync:
             if name in reg.adapters and reg.adapters[name].sha256 == entry.get("sha256"):
                 continue
             try:
-                path = resolve_under(self.state.adapter_dir, entry["file"], "file")
+                path = resolve_under(self.store.adapter_dir, entry["file"], "file")
                 if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
                     raise SpoError(f"{entry['file']} changed on disk since it was loaded (sha256 differs)")
                 self.pipe.load_adapter(name, path, replace=True)
@@ -157,7 +143,7 @@ class StateSync:
 
     def report(self) -> None:
         write_json_atomic(
-            self.state.data_dir / "workers" / f"{os.getpid()}.json",
+            self.store.data_dir / "workers" / f"{os.getpid()}.json",
             {
                 "pid": os.getpid(),
                 "applied_version": self.applied_version,
@@ -172,7 +158,7 @@ class StateSync:
     def workers(self) -> list[dict]:
         """Every live worker's applied state (reports of dead processes are skipped)."""
         out = []
-        for f in sorted((self.state.data_dir / "workers").glob("*.json")):
+        for f in sorted((self.store.data_dir / "workers").glob("*.json")):
             try:
                 rec = json.loads(f.read_text())
                 os.kill(int(rec["pid"]), 0)
