@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from .models import load_pipeline
-    from .settings import Settings
-    from .train import SPOTrainer, TrainConfig
+    from .train import TrainConfig, build_trainer, read_prompts
 
     overrides = {}
     for kv in args.config:
@@ -110,11 +108,8 @@ def _train(args) -> int:
         except json.JSONDecodeError:
             overrides[key] = value
     cfg = TrainConfig.parse(overrides)
-    prompts = [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
-    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(cfg.mixed_precision)
-    pipe = load_pipeline(Settings.from_env(lora_fuse=False, dtype=dtype))
-    trainer = SPOTrainer(pipe, cfg, prompts, args.output, start_adapter=args.start_adapter)
-    if trainer.load_checkpoint():
+    trainer = build_trainer(cfg, read_prompts(args.prompts), args.output, start_adapter=args.start_adapter)
+    if trainer.resumed_from is not None:
         print(f"resumed at round {trainer.round}", file=sys.stderr)
     trainer.train(on_round=lambda s: print(json.dumps({k: v for k, v in s.items()}), flush=True))
     print(json.dumps(trainer.export(Path(args.output), args.name)))

@@ -13,6 +13,7 @@ One round, top to bottom:
      clamped to [1 - clip, 1 + clip]; loss = -log sigmoid(beta * (log r_w - log r_l));
      AdamW with gradient accumulation and clipping on the LoRA parameters only.
 Checkpoints (both LoRA layouts, optimiser, RNG, prompt position, config) are written atomically.
+`build_trainer` is the one set-up of the CLI (`python -m spo_runtime train`) and of training jobs.
 """
 
 from __future__ import annotations
@@ -32,16 +33,18 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidRequestError, SpoError
+from .fsutil import atomic_write, fsync_dir, write_json_atomic
 from .lora_format import LoraFile, LoraModuleWeights, module_specs, save_lora_file
 from .models import SpoPipeline
 from .requests import validation_error
 from .sampler import ddim_step, ddim_transition_logprob, make_schedule
-from .state import write_json_atomic
 
 log = logging.getLogger("spo_runtime.train")
 
 TRAIN = "train"  # the trainable adapter's name inside the trainer's registry
 REF = "ref"  # the frozen starting adapter (reference model), when continuing one
+CHECKPOINT = "checkpoint.pt"  # optimiser, RNG, round and prompt position of a checkpoint
+OLD_CHECKPOINT = "train_state.pt"  # its name before; still resumed from
 
 
 class TrainConfig(BaseModel):
@@ -181,6 +184,7 @@ class SPOTrainer:
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.adam_eps)
         self.round = 0
         self.position = 0  # prompts consumed in the seeded order
+        self.resumed_from: int | None = None  # the checkpoint's round, once load_checkpoint resumed
         self.gen = torch.Generator("cpu").manual_seed(config.seed)  # every random draw of the job
         self.total_rounds = config.max_rounds or max(1, math.ceil(config.epochs * len(prompts) / config.prompts_per_round))
         if config.gradient_checkpointing:  # through the registry: recomputation re-enters the row scales
@@ -429,11 +433,12 @@ class SPOTrainer:
             "round": self.round,
             "position": self.position,
         }
-        torch.save(state, tmp / "train_state.pt")
-        (tmp / "config.json").write_text(self.cfg.model_dump_json(indent=2))
-        (tmp / "hashes.json").write_text(json.dumps(hashes))
+        atomic_write(tmp / CHECKPOINT, lambda fh: torch.save(state, fh))
+        atomic_write(tmp / "config.json", self.cfg.model_dump_json(indent=2).encode())
+        atomic_write(tmp / "hashes.json", json.dumps(hashes).encode())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(root)
         write_json_atomic(root / "latest.json", {"round": self.round, "dir": final.name, "hashes": hashes})
         for old in sorted(root.glob("round-*"))[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -452,10 +457,14 @@ class SPOTrainer:
             for m, down, up in self.pipe.registry.tensors(TRAIN):
                 down.copy_(sd[f"unet.{m}.lora.down.weight"])
                 up.copy_(sd[f"unet.{m}.lora.up.weight"])
-        state = torch.load(d / "train_state.pt", weights_only=True, map_location="cpu")
+        path = d / CHECKPOINT
+        if not path.exists():
+            path = d / OLD_CHECKPOINT  # written before the rename
+        state = torch.load(path, weights_only=True, map_location="cpu")
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["torch_rng"])
         self.round, self.position = int(state["round"]), int(state["position"])
+        self.resumed_from = self.round
         log.info("resumed from %s (round %d)", d, self.round)
         return True
 
@@ -484,3 +493,24 @@ class SPOTrainer:
             if self.round % self.cfg.checkpoint_every == 0 or self.round == self.total_rounds:
                 self.save_checkpoint()
         return last
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompt file: one prompt per line, blank lines skipped."""
+    return [p for p in Path(path).read_text().splitlines() if p.strip()]
+
+
+def build_trainer(config: TrainConfig, prompts: list[str], out_dir: str | Path,
+                  start_adapter: str | Path | None = None, resume: bool = True) -> SPOTrainer:
+    """The trainer of `python -m spo_runtime train` and of a training job: a pipeline of its own from
+    the SPO_* settings (unfused; base weights in the config's precision, LoRA parameters in float32),
+    resumed from `out_dir`'s last checkpoint when there is one (`trainer.resumed_from`)."""
+    from .models import load_pipeline
+    from .settings import Settings
+
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(config.mixed_precision)  # "no": the preset's dtype
+    pipe = load_pipeline(Settings.from_env(lora_fuse=False, dtype=dtype))
+    trainer = SPOTrainer(pipe, config, prompts, out_dir, start_adapter=start_adapter)
+    if resume:
+        trainer.load_checkpoint()
+    return trainer

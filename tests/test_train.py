@@ -163,3 +163,29 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_dir, tmp_path):
     assert moved > 0  # up starts at zero: the round trained
     worst = max(float((out[False][m].up - out[True][m].up).abs().max()) for m in out[False])
     assert worst < 1e-6, worst
+
+
+def test_build_trainer_resumes_and_reads_checkpoints_of_the_old_name(tiny_dir, tmp_path, monkeypatch):
+    """The one set-up of the CLI and of jobs: a pipeline from SPO_* settings, resumed from the last
+    checkpoint (`checkpoint.pt`, or `train_state.pt` as checkpoints were named before)."""
+    from spo_runtime.train import build_trainer, read_prompts
+
+    monkeypatch.setenv("SPO_MODEL", "tiny")
+    monkeypatch.setenv("SPO_BASE_MODEL", str(tiny_dir))
+    monkeypatch.setenv("SPO_DEVICE", "cpu")
+    (tmp_path / "prompts.txt").write_text("a fox\n\n  \nan owl\n")
+    prompts = read_prompts(tmp_path / "prompts.txt")
+    assert prompts == ["a fox", "an owl"]
+    cfg = TrainConfig(**{**FAST, "prompts_per_round": 1, "num_inference_steps": 4, "checkpoint_every": 1}, scorer="brightness")
+    first = build_trainer(cfg.model_copy(update={"max_rounds": 1}), prompts, tmp_path / "run")
+    assert first.resumed_from is None and first.pipe.registry.fused is None and list(first.pipe.registry.adapters) == ["train"]
+    first.train()
+    ckpt = tmp_path / "run" / "checkpoints" / json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["dir"]
+    assert (ckpt / "checkpoint.pt").exists() and not (ckpt / "train_state.pt").exists()
+    (ckpt / "checkpoint.pt").rename(ckpt / "train_state.pt")  # a checkpoint written before the rename
+    second = build_trainer(cfg.model_copy(update={"max_rounds": 2}), prompts, tmp_path / "run")
+    assert second.resumed_from == 1 and second.round == 1 and second.position == 1
+    a, b = first.lora_modules(), second.lora_modules()
+    assert all(torch.equal(a[m].up, b[m].up) and torch.equal(a[m].down, b[m].down) for m in a)
+    second.train()
+    assert second.round == 2
