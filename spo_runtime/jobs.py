@@ -3,9 +3,13 @@
 - A job record (`job.json`, replaced atomically) holds the request, the state (queued, running,
   completed, failed, canceled, interrupted), progress and a history of state changes.
 - The supervisor is whichever worker holds `jobs/.supervisor.lock`; it starts queued jobs one at a
-  time as `python -m spo_runtime train-job <dir>` (its own process, on SPO_TRAIN_DEVICE), notices
+  time as `python -m spo_runtime train-job <dir>` (its own process, on the training device), notices
   trainers that died, and at start-up marks jobs left `running` by a dead server as `interrupted`
-  and queues them again: they resume from their last checkpoint.
+  and queues them again: they resume from their last checkpoint. It takes the trainer's environment
+  and device from its caller; it reads no environment of its own.
+- The trainer dies with the server: first thing, it asks the kernel for SIGKILL when its parent
+  dies (PR_SET_PDEATHSIG), then checks that its parent is still the supervisor's process
+  (SPO_PARENT_PID) and exits if not, as the server may have died before the request.
 - The trainer holds `<dir>/.lock` for its life, so two trainers never write one job. It checks for
   `<dir>/cancel` and for SIGTERM at round boundaries and checkpoints before it stops.
 """
@@ -13,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -25,14 +30,18 @@ import time
 import traceback
 import uuid
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from .errors import InvalidRequestError, SpoError
-from .state import write_json_atomic
+from .errors import InvalidRequestError, SpoError, is_oom
+from .fsutil import atomic_write, write_json_atomic
 
 log = logging.getLogger("spo_runtime.jobs")
 
 STATES = ("queued", "running", "completed", "failed", "canceled", "interrupted")
 FINAL = ("completed", "failed", "canceled")
+TRAINER_COMMAND = (sys.executable, "-m", "spo_runtime", "train-job")  # + <dir> --adapter-dir <dir>
+PARENT_PID_VAR = "SPO_PARENT_PID"  # the supervisor's pid, in the trainer's environment
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class JobNotFoundError(SpoError, KeyError):
@@ -61,7 +70,7 @@ class JobStore:
         job_id = uuid.uuid4().hex[:16]
         d = self.root / job_id
         d.mkdir(parents=True)
-        (d / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        atomic_write(d / "prompts.txt", ("\n".join(prompts) + "\n").encode())
         rec = {
             "job_id": job_id, "state": "queued", "created_at": time.time(), "config": config,
             "start_adapter": start_adapter, "output_adapter": output_adapter or f"spo-{job_id[:8]}",
@@ -128,11 +137,18 @@ def _flock(path: Path):
 
 
 class Supervisor:
-    """Starts queued jobs one at a time in their own process. Only the lock holder supervises."""
+    """Starts queued jobs one at a time in their own process. Only the lock holder supervises.
 
-    def __init__(self, store: JobStore, env: dict[str, str] | None = None, poll_s: float = 0.5, on_change=None):
+    `env` is the trainer process's whole environment (its SPO_* settings included); `train_device`,
+    when set, becomes the trainer's SPO_DEVICE. `command` starts a trainer; the job directory and
+    `--adapter-dir DIR` are appended."""
+
+    def __init__(self, store: JobStore, env: Mapping[str, str], train_device: str | None = None, poll_s: float = 0.5,
+                 on_change=None, command: Sequence[str] = TRAINER_COMMAND):
         self.store = store
-        self.env = dict(env or os.environ)
+        self.env = dict(env)
+        self.train_device = train_device
+        self.command = list(command)
         self.poll_s = poll_s
         self.proc: subprocess.Popen | None = None
         self.current: str | None = None
@@ -199,14 +215,21 @@ class Supervisor:
     def _spawn(self, job_id: str) -> None:
         d = self.store.dir(job_id)
         env = dict(self.env)
-        if env.get("SPO_TRAIN_DEVICE"):
-            env["SPO_DEVICE"] = env["SPO_TRAIN_DEVICE"]
+        if self.train_device:
+            env["SPO_DEVICE"] = self.train_device
+        env[PARENT_PID_VAR] = str(os.getpid())  # the trainer checks it after asking for its death signal
         self.store.update(job_id, state="running", started_at=time.time(), error=None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spo_runtime", "train-job", str(d), "--adapter-dir", str(self.store.adapter_dir)],
-            env=env, stdout=open(d / "trainer.log", "ab"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-            start_new_session=True,  # signals to the server's process group reach it only through stop()
-        )
+        try:
+            with open(d / "trainer.log", "ab") as log_fh:  # the child has its own copy of the descriptor
+                self.proc = subprocess.Popen(
+                    [*self.command, str(d), "--adapter-dir", str(self.store.adapter_dir)],
+                    env=env, stdout=log_fh, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # signals to the server's process group reach it only through stop()
+                )
+        except OSError as e:
+            self.store.update(job_id, state="failed", error=f"the trainer process could not start: {e}", finished_at=time.time())
+            self._changed()
+            return
         self.current = job_id
         self._changed()
 
@@ -225,7 +248,7 @@ class Supervisor:
         """SIGTERM the trainer (it checkpoints at its round boundary) and wait for it.
 
         The supervisor thread must outlive the trainer: PR_SET_PDEATHSIG fires when the thread that
-        forked the child ends, so the loop stops only after the trainer has exited.
+        started the child ends, so the loop stops only after the trainer has exited.
         """
         self._stopping = True  # no new trainer from here on
         proc = self.proc
@@ -238,25 +261,34 @@ class Supervisor:
         self._stop.set()
 
 
-def _die_with_parent() -> None:
-    """In the child: receive SIGKILL if the server process dies (Linux prctl PR_SET_PDEATHSIG)."""
+def die_with_parent(parent_pid: int) -> bool:
+    """In the trainer, before anything else: SIGKILL when the parent (the thread that started us)
+    dies, by Linux prctl(PR_SET_PDEATHSIG). The parent may have died before the request, so this
+    returns whether the parent is still `parent_pid`; on False the caller must exit."""
     try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError):  # not Linux: no death signal, the pid check still holds
         pass
+    return os.getppid() == parent_pid
 
 
 # ---------------------------------------------------------------------------------------------
 # The trainer process
 
 
-def run_job(job_dir: str | Path, adapter_dir: str | Path) -> int:
-    """Body of `python -m spo_runtime train-job DIR`: train, checkpoint, export, record the outcome."""
-    from .models import load_pipeline
-    from .settings import Settings
-    from .train import JobCancelled, SPOTrainer, TrainConfig
+def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None = None) -> int:
+    """Body of `python -m spo_runtime train-job DIR`: train, checkpoint, export, record the outcome.
+
+    `parent_pid`: the supervisor's pid (default: SPO_PARENT_PID, which the supervisor sets); the
+    trainer dies with that process. Started by hand, without either, it does not."""
+    if parent_pid is None and os.environ.get(PARENT_PID_VAR):  # the one variable the supervisor passes
+        parent_pid = int(os.environ[PARENT_PID_VAR])
+    if parent_pid is not None and not die_with_parent(parent_pid):
+        print(f"the supervisor (pid {parent_pid}) is gone: not training", file=sys.stderr)
+        return 4
+    from .train import JobCancelled, TrainConfig, build_trainer, read_prompts
 
     d = Path(job_dir)
     store = JobStore(d.parent.parent, adapter_dir)
@@ -273,16 +305,10 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path) -> int:
     rec = store.read(job_id)
     try:
         cfg = TrainConfig.parse(rec["config"])
-        prompts = [p for p in (d / "prompts.txt").read_text().splitlines() if p.strip()]
-        # base weights in the job's precision (LoRA parameters stay fp32); "no": the preset's dtype
-        dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(cfg.mixed_precision)
-        pipe = load_pipeline(Settings.from_env(lora_fuse=False, dtype=dtype))
-        start = None
-        if rec.get("start_adapter"):
-            start = Path(adapter_dir) / rec["start_adapter"]
-        trainer = SPOTrainer(pipe, cfg, prompts, d / "run", start_adapter=start)
-        resumed = trainer.load_checkpoint()
-        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.round if resumed else None)
+        start = Path(adapter_dir) / rec["start_adapter"] if rec.get("start_adapter") else None
+        trainer = build_trainer(cfg, read_prompts(d / "prompts.txt"), d / "run", start_adapter=start)
+        resumed = trainer.resumed_from is not None
+        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.resumed_from)
         t_start, r_start = time.time(), trainer.round
         pairs = {"kept": store.read(job_id).get("pairs_kept", 0) if resumed else 0}
 
@@ -312,7 +338,7 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path) -> int:
         store.update(job_id, state="completed", finished_at=time.time(), round=trainer.round, result=out, metrics=summary)
         return 0
     except Exception as e:
-        oom = "out of memory" in str(e).lower()
+        oom = is_oom(e)
         store.update(job_id, state="failed", finished_at=time.time(),
                      error=("out of memory: " if oom else "") + f"{type(e).__name__}: {e}")
         traceback.print_exc()
