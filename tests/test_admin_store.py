@@ -1,9 +1,8 @@
 """The admin store (SPO_DATA_DIR/admin_state.json), atomic writes and adapter paths: files only, no server."""
 
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import pytest
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.fsutil import atomic_write, write_json_atomic
 from spo_runtime.state import EMPTY, AdminStore, resolve_under
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -80,19 +77,21 @@ def test_concurrent_mutations_from_threads_are_serialised(store):
     assert rec["count"] == 80 and rec["version"] == 80  # no lost update
 
 
-def test_concurrent_mutations_from_processes_are_serialised(store, tmp_path):
-    code = (
-        "import sys\n"
-        "from spo_runtime.state import AdminStore\n"
-        "s = AdminStore(sys.argv[1], sys.argv[2])\n"
-        "for _ in range(30):\n"
-        "    s.mutate(lambda r: r.update(count=r.get('count', 0) + 1))\n"
-    )
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(store.data_dir), str(store.adapter_dir)], cwd=ROOT)
-             for _ in range(2)]
-    for _ in range(30):  # and this process, at the same time
-        store.mutate(_increment())
-    assert [p.wait(120) for p in procs] == [0, 0]
+def _mutate_many(data_dir, adapter_dir, n):
+    s = AdminStore(data_dir, adapter_dir)  # its own store object, in its own process
+    for _ in range(n):
+        s.mutate(_increment())
+
+
+def test_concurrent_mutations_from_processes_are_serialised(store):
+    ctx = multiprocessing.get_context("fork")  # no re-import: the children only touch files
+    procs = [ctx.Process(target=_mutate_many, args=(store.data_dir, store.adapter_dir, 30)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    _mutate_many(store.data_dir, store.adapter_dir, 30)  # and this process, at the same time
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
     rec = store.read()
     assert rec["count"] == 90 and rec["version"] == 90
 
