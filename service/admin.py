@@ -35,13 +35,17 @@ def bind(service: SPOService) -> None:
     _Bound.service = service
 
 
+def bound() -> SPOService | None:
+    return _Bound.service
+
+
 async def info(request: Request) -> Response:
     from spo_runtime import __version__
 
     svc = _Bound.service
     if svc is None or svc.pipe is None:
         return JSONResponse({"ready": False, "failure": svc.failure if svc else None, "version": __version__})
-    authed = admin_denied(request, svc.settings.admin_token) is None
+    authed = admin_denied(request, svc.admin_token) is None
     body = svc.pipe.info(show_paths=authed)
     workers = await anyio.to_thread.run_sync(svc.sync.workers) if svc.sync else []
     body.update({"ready": svc.ready, "engine": svc.engine.stats(), "workers": workers,
@@ -56,7 +60,7 @@ def admin(handler):
         svc = _Bound.service
         if svc is None:
             return map_error(_starting())
-        denied = admin_denied(request, svc.settings.admin_token)
+        denied = admin_denied(request, svc.admin_token)
         if denied is not None:
             return denied
         if not svc.ready:

@@ -99,9 +99,10 @@ class Contract:
 
     def __init__(self, app, models: dict[str, type[BaseModel]] | None = None,
                  limits: dict[str, int] | None = None, default_limit: int = DEFAULT_BODY_LIMIT,
-                 docs: Callable[[dict], dict] | None = None):
+                 docs: Callable[[dict], dict] | None = None, guard: Callable[[dict], dict | None] | None = None):
         self.app = app
         self.docs = docs
+        self.guard = guard  # headers -> None (let in) or an error body (401) for the generation routes
         self.models = models or {}
         self.limits = limits if limits is not None else {path: GENERATION_BODY_LIMIT for path in self.models}
         self.default_limit = default_limit
@@ -123,6 +124,9 @@ class Contract:
         model = self.models.get(path)
         if model is None:  # stream through, counting
             return await self._limited(scope, receive, send, limit)
+        refusal = self.guard(headers) if self.guard is not None else None
+        if refusal is not None:
+            return await _send_json(send, refusal["status"], refusal, [(b"www-authenticate", b"Bearer")])
         media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if media not in (b"application/json", b""):
             return await _refuse(send, 415, f"content-type: must be application/json, got {media.decode('latin-1')!r}",

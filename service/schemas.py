@@ -67,24 +67,27 @@ class ScaleBody(_Strict):
 
 
 class NameBody(_Strict):
-    name: str | None
+    name: str | None = Field(max_length=64)
+
+
+MAX_PATH = 1024  # a relative file name under SPO_ADAPTER_DIR / SPO_DATA_DIR
 
 
 class TrainSubmitBody(_Strict):
     prompts: list[str] | None = None
-    prompts_file: str | None = None
+    prompts_file: str | None = Field(None, max_length=MAX_PATH)
     config: dict[str, Any] = {}
-    start_adapter: str | None = None
-    output_adapter: str | None = None
+    start_adapter: str | None = Field(None, max_length=MAX_PATH)
+    output_adapter: str | None = Field(None, max_length=64)
 
 
 class JobBody(_Strict):
-    job_id: str
+    job_id: str = Field(max_length=64)
 
 
 class LoadBody(_Strict):
-    name: str
-    file: str
+    name: str = Field(max_length=64)
+    file: str = Field(max_length=MAX_PATH)
     replace: bool = False
 
 

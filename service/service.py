@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -24,7 +25,8 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 from service import admin
-from service.errors import Contract, error_response, map_error
+from service.auth import admin_token, bearer_ok
+from service.errors import Contract, error_body, error_response, map_error
 from service.schemas import FORMATS, BatchResponse, declare_responses, generation_bodies, request_dict
 from spo_runtime.errors import ConfigError
 from spo_runtime.settings import Settings
@@ -73,10 +75,15 @@ class SPOService:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self.ready = False
+        self.draining: float | None = None  # monotonic time of SIGTERM
+        self.inflight = 0  # generation requests between the door and their last byte
         self.failure: str | None = None
         self.engine = self.pipe = self.sync = None
         self.started = time.time()
+        self.admin_token = admin_token(SETTINGS.token("admin_token"), SETTINGS.data_dir)
+        self.api_token = SETTINGS.token("api_token")
         admin.bind(self)
+        self._install_drain()
         threading.Thread(target=self._load, name="spo-load", daemon=True).start()
 
     # -- start-up ----------------------------------------------------------------------------
@@ -91,7 +98,7 @@ class SPOService:
             s = self.settings
             self.pipe = load_pipeline(s)
             self.admin_store = AdminStore(s.data_dir, s.adapters_path)
-            self.engine = Engine(self.pipe, s.engine_config())
+            self.engine = Engine(self.pipe, s.engine_config(), faults=s.fault_plan)
             metrics = self.engine.metrics
             self.sync = AdminSync(self.pipe, self.admin_store, on_change=lambda: metrics.lora_scale.set(self.pipe.default_lora_scale))
             self.sync.running_scales = self.engine.running_scales
@@ -122,13 +129,59 @@ class SPOService:
         if self.engine is not None:
             self.engine.stop()
 
+    # -- drain on SIGTERM ---------------------------------------------------------------------
+
+    def _install_drain(self) -> None:
+        """Wrap the server's SIGTERM handler (uvicorn's, installed before the service starts): first drain,
+        then let the server stop. While draining /readyz is 503 and new generation requests get 503 with
+        Retry-After; admitted and queued requests run to the end, for at most SPO_DRAIN_S; a running
+        training job is asked to checkpoint at its round boundary. A second SIGTERM stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(sig, frame):
+            if self.draining is None:
+                self.draining = time.monotonic()
+                threading.Thread(target=self._drain, args=(previous, sig), name="spo-drain", daemon=True).start()
+            elif callable(previous):
+                previous(sig, frame)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def _drain(self, previous, sig) -> None:
+        deadline = self.draining + self.settings.drain_s
+        log.warning("SIGTERM: draining for at most %.0fs (SPO_DRAIN_S)", self.settings.drain_s)
+        sup = getattr(self, "supervisor", None)
+        stopper = threading.Thread(target=sup.stop, name="spo-drain-jobs", daemon=True) if sup else None
+        if stopper:
+            stopper.start()  # the trainer checkpoints at its round boundary meanwhile
+        while time.monotonic() < deadline:
+            stats = self.engine.stats() if self.engine is not None else {"waiting": 0, "running": 0}
+            if stats["waiting"] == 0 and stats["running"] == 0 and self.inflight == 0:
+                break
+            time.sleep(0.05)
+        left = self.engine.stats() if self.engine is not None else {}
+        log.warning("drained in %.1fs (left: %s waiting, %s running, %d in flight); stopping",
+                    time.monotonic() - self.draining, left.get("waiting", 0), left.get("running", 0), self.inflight)
+        if stopper:
+            stopper.join(max(0.0, deadline - time.monotonic()))
+        if callable(previous):
+            previous(sig, None)
+
     def __is_ready__(self) -> bool:
-        return self.ready
+        return self.ready and self.draining is None
 
     def __is_alive__(self) -> bool:
-        return self.failure is None
+        return self.failure is None and (self.engine is None or self.engine.alive)
 
     def unready(self) -> JSONResponse:
+        if self.draining is not None:
+            return error_response(503, "the server is stopping (SIGTERM): send this request to another replica",
+                                  headers={"Retry-After": "1"}, kind="unavailable")
+        if self.engine is not None and not self.engine.alive:
+            return error_response(503, f"the engine thread died ({self.engine.died}); the server must be restarted",
+                                  headers={"Retry-After": "30"}, kind="unavailable")
         if self.failure:
             return error_response(503, f"the model failed to load: {self.failure}", headers={"Retry-After": "30"},
                                   kind="unavailable")
@@ -141,8 +194,9 @@ class SPOService:
         t0 = time.perf_counter()
         rid = _request_id(ctx)
         results = None
+        self.inflight += 1
         try:
-            if not self.ready:
+            if not self.__is_ready__() or not self.engine.alive:
                 resp = self.unready()
             else:
                 parsed = (GenerateBatchBody if route == "/generate_batch" else GenerateBody).model_validate(body)
@@ -161,6 +215,8 @@ class SPOService:
                 resp = await respond(rid, parsed, results)
         except Exception as e:
             resp = map_error(e)
+        finally:
+            self.inflight -= 1
         resp.headers["X-Request-Id"] = rid
         ctx.response.status_code = resp.status_code  # BentoML copies the context's status onto the response
         self._log(route, rid, body, resp.status_code, t0, results)
@@ -237,7 +293,18 @@ def _headers(rid: str, r) -> dict[str, str]:
 
 
 SPOService = bentoml.asgi_app(admin.app, path="/")(SPOService)
+def _generation_guard(headers: dict) -> dict | None:
+    """With SPO_API_TOKEN set, the generation routes need it (or the admin token) as a bearer token."""
+    svc = admin.bound()
+    if svc is None or not svc.api_token:
+        return None
+    if bearer_ok(headers.get(b"authorization", b"").decode("latin-1"), svc.api_token, svc.admin_token):
+        return None
+    return error_body(401, "authorization: a valid 'Authorization: Bearer <SPO_API_TOKEN>' header is required",
+                      "authorization", kind="unauthorized")
+
+
 SPOService.add_asgi_middleware(
-    Contract, models={"/generate": GenerateBody, "/generate_batch": GenerateBatchBody},
+    Contract, models={"/generate": GenerateBody, "/generate_batch": GenerateBatchBody}, guard=_generation_guard,
     docs=functools.partial(declare_responses, routes={"/generate": (list(FORMATS.values()), None),
                                                       "/generate_batch": (["application/json"], BatchResponse)}))

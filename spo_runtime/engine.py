@@ -36,6 +36,7 @@ from typing import Any, Awaitable, Callable, Literal
 import torch
 
 from .errors import InvalidRequestError, SpoError, is_oom
+from .faults import NONE, Faults, InjectedFault
 from .metrics import Metrics, default_metrics
 from .models import SpoPipeline
 from .requests import GeneratedImage, GenerationRequest, RequestState, Status
@@ -148,11 +149,14 @@ class Engine:
         config: EngineConfig = EngineConfig(),
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        faults: Faults = NONE,
     ):
         self.pipe = pipe
         self.config = config
         self.metrics = metrics or default_metrics()
         self._clock = clock
+        self.faults = faults
+        self.died: str | None = None
         self._cv = threading.Condition()  # an RLock: boundary hooks may read running_scales()
         # everything below is read and written under self._cv
         self._waiting: collections.deque[Slot] = collections.deque()
@@ -211,6 +215,8 @@ class Engine:
         with self._cv:
             if self._stop:
                 raise EngineUnavailableError("the engine is stopped")
+            if self.died is not None:
+                raise EngineUnavailableError(f"the engine thread died ({self.died}); restart the server", retry_after=30)
             waiting = len(self._waiting) - self._admitting
             if waiting + len(parsed) > self.config.max_queue:
                 self.metrics.rejected.labels("queue_full").inc()
@@ -335,9 +341,29 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread died (not when it was stopped): /livez turns 503."""
+        return self.died is None
+
     def _loop(self) -> None:
+        """The engine thread. Nothing a step raises kills it; if it dies anyway (a bug, an injected
+        fault), every waiting and running request is answered 503 at once and new ones are refused."""
+        try:
+            self._serve()
+        except BaseException as e:
+            with self._cv:
+                self.died = f"{type(e).__name__}: {e}"
+            log.critical("the engine thread died: %s", self.died, exc_info=e)
+            self._fail_all(EngineUnavailableError(f"the engine thread died ({self.died}); restart the server",
+                                                  retry_after=30))
+
+    def _serve(self) -> None:
         torch.set_grad_enabled(False)
+        crash = self.faults.get("engine_crash")
         while True:
+            if crash is not None and self.steps >= crash["step"]:
+                raise InjectedFault(f"engine_crash after {self.steps} steps (SPO_FAULTS)")
             with self._cv:
                 if not (self._stop or self._waiting or self._running or self._calls):
                     self._cv.wait(timeout=1.0)  # idle: the hooks still run about once a second

@@ -23,6 +23,10 @@ MAX_PROMPT_CHARS = 4000
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_NAME_RULE = "1..64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
 SIZE_RANGE = (32, 2048)  # the widest any preset allows; `for_sizes` narrows it to a preset's range
+# Prompt text: anything but control characters (tab, newline and carriage return are allowed). NUL would
+# end the PNG `parameters` chunk's keyword; the others have no meaning in a prompt. Refused, not escaped.
+_TEXT = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+_VISIBLE = r"[^\s\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
 
 
@@ -40,12 +44,14 @@ class GenerationRequest(BaseModel):
                               json_schema_extra={"example": {"prompt": "a watercolor fox in a snowy forest", "seed": 42,
                                                              "num_inference_steps": 20}})
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S",
-                        description="What to draw: 1..4000 characters, not only whitespace.",
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=rf"^{_TEXT}*{_VISIBLE}{_TEXT}*$",
+                        description="What to draw: 1..4000 characters, not only whitespace; no control characters "
+                                    "but tab and newline.",
                         json_schema_extra={"example": "a watercolor fox in a snowy forest"})
     negative_prompt: str | None = Field(
-        None, max_length=MAX_PROMPT_CHARS,
-        description="What to avoid. Absent or null: SDXL's all-zero negative embedding; \"\" is encoded as empty text.")
+        None, max_length=MAX_PROMPT_CHARS, pattern=rf"^{_TEXT}*$",
+        description="What to avoid (no control characters but tab and newline). Absent or null: SDXL's all-zero "
+                    "negative embedding; \"\" is encoded as empty text.")
     width: int | None = Field(None, ge=SIZE_RANGE[0], le=SIZE_RANGE[1], multiple_of=8,
                               description="Image width in pixels, a multiple of 8 in the preset's range; null: the preset's default.")
     height: int | None = Field(None, ge=SIZE_RANGE[0], le=SIZE_RANGE[1], multiple_of=8,
@@ -95,7 +101,9 @@ class GenerationRequest(BaseModel):
 
 _TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a JSON object",
           "list": "a list", "literal": "one of the listed values"}
-_PATTERN_RULES = {"prompt": "must be a non-empty string (not only whitespace)", "adapter": f"must be {ADAPTER_NAME_RULE}",
+_PATTERN_RULES = {"prompt": "must be a non-empty string (not only whitespace) without control characters (tab and "
+                            "newline are allowed)",
+                  "negative_prompt": "must not hold control characters (tab and newline are allowed)", "adapter": f"must be {ADAPTER_NAME_RULE}",
                   "device": "must be cpu, cuda, cuda:N or mps", "train_device": "must be cpu, cuda, cuda:N or mps"}
 
 

@@ -13,16 +13,17 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .errors import ConfigError
+from .faults import Faults
 
 log = logging.getLogger("spo_runtime.settings")
 
 # Fields whose variable is not simply SPO_<FIELD>
 ENV_NAMES = {"embed_cache_size": "SPO_EMBED_CACHE"}
 # SPO_* variables read by something other than this object (tools, benchmarks, later features): no warning
-SECRETS = {"admin_token"}
+SECRETS = {"admin_token", "api_token"}
 OTHER_VARIABLES = {"SPO_BENCH_MAX_BATCH", "SPO_BENCH_MAX_LATENCY_MS", "SPO_PARENT_PID"}
 
 
@@ -54,12 +55,31 @@ class Settings(BaseModel):
     # -- the service -------------------------------------------------------------------------
     data_dir: Path = Path(".data")
     adapter_dir: Path | None = Field(None, description="default: SPO_DATA_DIR/adapters")
-    admin_token: str | None = Field(None, min_length=8, description="bearer token of /admin/* and /train/*")
+    admin_token: SecretStr | None = Field(
+        None, min_length=8, description="bearer token of /admin/* and /train/*; unset: SPO_DATA_DIR/admin_token")
+    api_token: SecretStr | None = Field(None, min_length=8, description="bearer token the generation routes require")
+    drain_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False,
+                           description="on SIGTERM, how long admitted and queued requests may take to finish")
     workers: int = Field(1, ge=1, le=64)
+
     log_prompts: bool = False
+    faults: str | None = Field(None, description="test-only fault injection (spo_runtime.faults)")
 
     # -- training ----------------------------------------------------------------------------
     train_device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="default: SPO_DEVICE")
+
+    @field_validator("faults")
+    @classmethod
+    def _faults(cls, v: str | None) -> str | None:
+        try:
+            Faults.parse(v)
+        except ConfigError as e:
+            raise ValueError(e.message) from None
+        return v
+
+    @property
+    def fault_plan(self) -> Faults:
+        return Faults.parse(self.faults)
 
     @property
     def adapters_path(self) -> Path:
@@ -71,6 +91,11 @@ class Settings(BaseModel):
 
         return EngineConfig(max_batch=self.max_batch, max_queue=self.max_queue,
                             request_timeout_s=self.request_timeout_s, batching=self.batching)
+
+    def token(self, name: str) -> str | None:
+        """A token's value (admin_token, api_token): the only way to read one; repr() shows '**********'."""
+        secret = getattr(self, name)
+        return secret.get_secret_value() if secret is not None else None
 
     @staticmethod
     def variable(name: str) -> str:

@@ -329,7 +329,8 @@ def test_metrics_expose_every_series(server):
 
 
 def test_admin_state_survives_a_restart_with_two_workers(server, adapter_dir, tmp_path):
-    """A second server on the same data dir (2 workers, no token: loopback admin) restores the state."""
+    """A second server on the same data dir (2 workers, no SPO_ADMIN_TOKEN: the token file the two workers
+    share) restores the state."""
     r = httpx.post(server.url + "/admin/lora_scale", json={"scale": 0.6}, headers=AUTH)
     assert r.status_code == 200
     r = httpx.post(server.url + "/admin/default_adapter", json={"name": "conv"}, headers=AUTH)
@@ -343,8 +344,12 @@ def test_admin_state_survives_a_restart_with_two_workers(server, adapter_dir, tm
     with Server(env, tmp_path / "restart.log") as s2:
         r = gen(s2, prompt="a fox", seed=1, num_inference_steps=3)
         assert r.headers["x-adapter"] == "conv" and r.headers["x-lora-scale"] == "0.6"
-        # loopback admin without a configured token; both workers converge at their next step boundary
-        assert httpx.post(s2.url + "/admin/lora_scale", json={"scale": 0.2}).status_code == 200
+        # without SPO_ADMIN_TOKEN, loopback is not trusted: the token is the one file both workers read
+        assert httpx.post(s2.url + "/admin/lora_scale", json={"scale": 0.2}).status_code == 401
+        with open(env["SPO_DATA_DIR"] + "/admin_token") as fh:
+            file_auth = {"Authorization": f"Bearer {fh.read().strip()}"}
+        # both workers converge at their next step boundary
+        assert httpx.post(s2.url + "/admin/lora_scale", json={"scale": 0.2}, headers=file_auth).status_code == 200
         deadline = time.time() + 20
         while time.time() < deadline:
             for i in range(4):
