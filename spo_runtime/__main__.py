@@ -6,9 +6,29 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from .errors import SpoError
+from .requests import GenerationRequest
+
+# CLI spellings kept from before the options were derived from the request model
+_ALIASES = {"negative_prompt": ["--negative"], "num_inference_steps": ["--steps"], "guidance_scale": ["--guidance"]}
+
+
+def add_request_options(parser: argparse.ArgumentParser) -> None:
+    """One option per field of the request model (but the prompt), typed and described from it: the CLI
+    and HTTP share one schema, and the request model's validation names any bad value."""
+    for name, f in GenerationRequest.model_fields.items():
+        if name == "prompt":
+            continue
+        if typing.get_origin(f.annotation) is typing.Literal:
+            choices, kind = typing.get_args(f.annotation), str
+        else:
+            choices, kind = None, next(a for a in typing.get_args(f.annotation) or (f.annotation,) if a is not type(None))
+        default = f.default if f.default is not None else None
+        parser.add_argument("--" + name.replace("_", "-"), *_ALIASES.get(name, []), dest=name, type=kind,
+                            choices=choices, default=default, help=f"{f.description} (default: {default})")
 
 
 def encode_image(result, fmt: str = "png", quality: int = 95) -> bytes:
@@ -36,15 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one image")
     g.add_argument("prompt")
-    g.add_argument("--negative", default=None, help="negative prompt (absent: SDXL's zero embedding)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=5.0)
-    g.add_argument("--scheduler", default="ddim", help="ddim | euler | dpmpp_2m_karras")
-    g.add_argument("--lora-scale", type=float, default=None)
-    g.add_argument("--adapter", default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--height", type=int, default=None)
+    add_request_options(g)
     g.add_argument("-o", "--output", default="out.png", help="output file (.png, .jpg, .webp)")
     sub.add_parser("info", help="print the loaded model's description as JSON")
     s = sub.add_parser("save-tiny", help="write the tiny model as a diffusers pipeline directory + LoRA files")
@@ -74,16 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         from .models import load_pipeline
+        from .settings import Settings
 
-        pipe = load_pipeline()
+        pipe = load_pipeline(Settings.from_env())
         if args.command == "info":
             print(json.dumps(pipe.info(show_paths=True), indent=2))
             return 0
-        req = {
-            "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
-            "num_inference_steps": args.steps, "guidance_scale": args.guidance, "scheduler": args.scheduler,
-            "lora_scale": args.lora_scale, "adapter": args.adapter, "width": args.width, "height": args.height,
-        }
+        req = {name: getattr(args, name) for name in GenerationRequest.model_fields if name != "prompt"}
+        req["prompt"] = args.prompt
         [result] = pipe.generate([{k: v for k, v in req.items() if v is not None or k == "negative_prompt"}])
         out = Path(args.output)
         fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
