@@ -465,6 +465,7 @@ class Engine:
         if not rows:
             return StepResult(admitted, rejected)
         t0 = time.perf_counter()
+        self.faults.before_step(list(rows))  # SPO_FAULTS (tests only): slow_step, nan_row
         failed = tuple(self._denoise(list(rows)))
         dt = time.perf_counter() - t0
         gone = {id(s) for s, _ in failed}
@@ -502,10 +503,12 @@ class Engine:
             s.timings["queue_ms"] = (now - sub.t_submit) * 1e3
         return tuple(s for _, s in prepared), tuple(rejected)
 
-    def _denoise(self, states: list[RequestState]) -> list[tuple[RequestState, BaseException]]:
+    def _denoise(self, states: list[RequestState], step: list[RequestState] | None = None) -> list[tuple[RequestState, BaseException]]:
         """One step; on out-of-memory retry with the batch split in half before failing anything.
-        Returns the rows that failed, with their error."""
+        Returns the rows that failed, with their error. `step`: the whole step's rows (for SPO_FAULTS)."""
+        step = states if step is None else step
         try:
+            self.faults.before_unet(step, states)  # SPO_FAULTS (tests only): oom_above
             self.pipe.denoise(states)
             return []
         except Exception as e:
@@ -513,7 +516,7 @@ class Engine:
                 log.warning("out of memory at batch %d: retrying in halves", len(states))
                 _empty_cache()
                 half = len(states) // 2
-                return self._denoise(states[:half]) + self._denoise(states[half:])
+                return self._denoise(states[:half], step) + self._denoise(states[half:], step)
             log.exception("step failed for %d request(s)", len(states))
             _empty_cache()
             err = EngineUnavailableError(
@@ -527,6 +530,7 @@ class Engine:
         if not states:
             return ()
         try:
+            self.faults.before_decode(states)  # SPO_FAULTS (tests only): decode_error
             results = self.pipe.decode(states)
         except Exception as e:
             log.exception("decode failed for %d request(s)", len(states))
