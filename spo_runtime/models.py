@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 
 from . import tiny
-from .errors import AdapterNotFoundError, ModelLoadError, NonFiniteError
+from .errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError, NonFiniteError
 from .lora import LoraRegistry
 from .lora_format import LoraFile, LoraModuleWeights, lora_state_dict, save_lora_file
 from .requests import MAX_SEED, GeneratedImage, GenerationRequest, RequestState, Status
-from .sampler import SDXL_SCHEDULER_CONFIG, NoiseSchedule, RowState, initial_noise, make_schedule, model_inputs, step_rows
+from .sampler import (SDXL_SCHEDULER_CONFIG, NoiseSchedule, RowState, add_noise, img2img_start, initial_noise, make_schedule,
+                      model_inputs, step_rows)
 from .settings import Settings
 
 log = logging.getLogger("spo_runtime")
@@ -357,13 +358,15 @@ class SpoPipeline:
             adapter = req.adapter if req.adapter is not None else self.default_adapter
             if adapter is not None and adapter not in self.registry.adapters:
                 raise AdapterNotFoundError(adapter, list(self.registry.adapters))
-            width = req.width or self.preset.default_size
-            height = req.height or self.preset.default_size
+            width, height = self._size(req)
             seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
             generator = torch.Generator("cpu").manual_seed(seed)
             row = RowState(make_schedule(req.scheduler, req.num_inference_steps, self.noise), generator, eta=req.eta)
-            shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
-            latents = initial_noise(generator, shape, self.dtype, self.device) * row.schedule.init_noise_sigma
+            if req.init_image is not None:
+                latents = self._img2img_latents(req, row, width, height)
+            else:
+                shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+                latents = initial_noise(generator, shape, self.dtype, self.device) * row.schedule.init_noise_sigma
             states.append(
                 RequestState(
                     request=req, seed=seed, width=width, height=height, adapter=adapter,
@@ -373,6 +376,45 @@ class SpoPipeline:
             )
         self.encode(states)
         return states
+
+    def _size(self, req: GenerationRequest) -> tuple[int, int]:
+        """(width, height): the request's, else the init image's rounded down to a multiple of 8, else the
+        preset's default. An init image whose size falls outside the preset's range is the request's fault."""
+        if req.init_image is None:
+            return req.width or self.preset.default_size, req.height or self.preset.default_size
+        w, h = req.init_image.size
+        width, height = req.width or w - w % self.vae_scale, req.height or h - h % self.vae_scale
+        lo, hi = self.preset.size_range
+        if not (lo <= width <= hi and lo <= height <= hi):
+            raise InvalidRequestError("init_image", f"gives a {width}x{height} image; the {self.preset.name} preset "
+                                                    f"allows sides in {lo}..{hi} (send width and height to resize it)")
+        return width, height
+
+    @torch.inference_mode()
+    def _img2img_latents(self, req: GenerationRequest, row: RowState, width: int, height: int) -> torch.Tensor:
+        """The starting latent of an img2img row, as diffusers' SDXL img2img pipeline makes it for the same
+        seed: the image resized (Lanczos) to the output size, scaled to [-1, 1], VAE-encoded with a sample
+        of the posterior drawn from the row's generator, scaled, then noised (a second draw) to the level of
+        the step the row starts at; the row then skips the schedule's first steps."""
+        image = req.init_image
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.LANCZOS)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        x = (x * 2.0 - 1.0).to(device=self.device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(x).latent_dist
+        sample = torch.randn(posterior.mean.shape, generator=row.generator, device=row.generator.device,
+                             dtype=posterior.mean.dtype).to(posterior.mean.device)
+        z = (posterior.mean + posterior.std * sample).to(self.dtype)
+        cfg = self.vae.config
+        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
+            z = (z - mean) * cfg.scaling_factor / std
+        else:
+            z = cfg.scaling_factor * z
+        row.step = img2img_start(row.schedule.num_steps, req.img2img_strength)
+        noise = initial_noise(row.generator, tuple(z.shape[1:]), self.dtype, self.device)
+        return add_noise(row.schedule, row.step, z, noise)
 
     @torch.inference_mode()
     def encode(self, states: list[RequestState]) -> None:

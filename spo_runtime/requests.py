@@ -3,8 +3,11 @@ request carries while it runs (`RequestState`)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import functools
+import io
 import math
 import re
 import time
@@ -22,6 +25,8 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_NAME_RULE = "1..64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+MAX_IMAGE_PIXELS = 4096 * 4096  # an init_image larger than this is refused before it is decoded
+DEFAULT_STRENGTH = 0.75  # img2img, as A1111's default denoising strength
 SIZE_RANGE = (32, 2048)  # the widest any preset allows; `for_sizes` narrows it to a preset's range
 # Prompt text: anything but control characters (tab, newline and carriage return are allowed). NUL would
 # end the PNG `parameters` chunk's keyword; the others have no meaning in a prompt. Refused, not escaped.
@@ -70,12 +75,46 @@ class GenerationRequest(BaseModel):
                        description="DDIM stochasticity, 0..1 (0: deterministic). Must be 0 unless scheduler is 'ddim' "
                                    "(a 400 naming `eta`).")
 
+    init_image: Any = Field(
+        None, json_schema_extra={"type": "string", "format": "byte"},
+        description="img2img: the starting image, base64 PNG, JPEG or WebP (a data: URL prefix is allowed; a PIL "
+                    f"image in the library), at most {MAX_IMAGE_PIXELS:,} pixels (the body limit is SPO_MAX_IMAGE_BYTES). The output has its size rounded "
+                    "down to a multiple of 8 unless width/height are given (then the image is resized to them); "
+                    "a size outside the preset's range is a 400 naming `init_image`.")
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, allow_inf_nan=False,
+        description=f"img2img: how much of the schedule runs, (0, 1]; null: {DEFAULT_STRENGTH}. The last "
+                    "int(num_inference_steps * strength) steps run, so that product must be >= 1. Only with init_image "
+                    "(a 400 naming `strength` otherwise).")
+
     @field_validator("eta")
     @classmethod
     def _eta(cls, v: float, info: ValidationInfo) -> float:
         if v > 0 and info.data.get("scheduler", "ddim") != "ddim":
             raise ValueError("must be 0 unless scheduler is 'ddim'")
         return v
+
+    @field_validator("init_image", mode="plain")
+    @classmethod
+    def _init_image(cls, v: Any) -> Image.Image | None:
+        return v if v is None else decode_image(v)
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("init_image") is None:
+            raise ValueError("only with init_image (img2img)")
+        steps = info.data.get("num_inference_steps", 20)
+        if int(steps * (v if v is not None else DEFAULT_STRENGTH)) < 1 and info.data.get("init_image") is not None:
+            raise ValueError(f"with num_inference_steps={steps} must be >= {1 / steps:.4g} (at least one step runs)")
+        return v
+
+    @property
+    def img2img_strength(self) -> float | None:
+        """The strength in force: None for text-to-image."""
+        if self.init_image is None:
+            return None
+        return self.strength if self.strength is not None else DEFAULT_STRENGTH
 
     @classmethod
     @functools.cache
@@ -97,6 +136,32 @@ class GenerationRequest(BaseModel):
             return model.model_validate(data)
         except ValidationError as e:
             raise validation_error(e, model) from None
+
+
+def decode_image(v: Any) -> Image.Image:
+    """A PIL image, or base64 (optionally a data: URL) of a PNG/JPEG/WebP -> an RGB PIL image. Refuses what
+    does not decode, other formats, and more than MAX_IMAGE_PIXELS pixels (checked before decoding)."""
+    if isinstance(v, Image.Image):
+        img = v
+    elif isinstance(v, str):
+        text = v.split(",", 1)[1] if v.startswith("data:") and "," in v else v
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64 of a PNG, JPEG or WebP image (not valid base64)") from None
+        try:
+            img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP"))
+        except Exception:
+            raise ValueError("must be base64 of a PNG, JPEG or WebP image (not decodable as one)") from None
+    else:
+        raise ValueError(f"must be a base64 string (PNG, JPEG or WebP), got {type(v).__name__}")
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"must have at most {MAX_IMAGE_PIXELS:,} pixels, got {w}x{h}")
+    try:
+        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+    except Exception:
+        raise ValueError("must be base64 of a PNG, JPEG or WebP image (the image data is damaged)") from None
 
 
 _TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a JSON object",
@@ -206,6 +271,7 @@ class GeneratedImage:
             f"Lora: {self.adapter}, Lora scale: {self.lora_scale}"
             + (f", Lora hash: {self.adapter_sha256[:16]}" if self.adapter_sha256 else "")
             + (f", Eta: {r.eta}" if r.eta else "")
+            + (f", Denoising strength: {r.img2img_strength}" if r.init_image is not None else "")
         )
         return "\n".join(lines)
 

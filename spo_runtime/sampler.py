@@ -248,6 +248,25 @@ class RowState:
         return 1.0
 
 
+def add_noise(schedule: Schedule, step: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The latent an img2img row starts from: `x0` noised to the level of `step` of `schedule`, as the
+    scheduler's `add_noise` does once the pipeline has set its begin index to `step`.
+    DDIM: sqrt(a_t) x0 + sqrt(1 - a_t) noise; Euler: x0 + sigma noise; DPM++ (VP form): alpha (x0 + sigma noise)."""
+    if schedule.kind == "ddim":
+        a = schedule.alpha_t[step].to(x0.dtype)
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+    sigma = schedule.sigmas[step].to(x0.dtype)
+    if schedule.kind == "euler":
+        return x0 + noise * sigma
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha * x0 + sigma * alpha * noise
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """The step an img2img row starts at: the last int(num_steps * strength) steps run (diffusers' get_timesteps)."""
+    return num_steps - min(int(num_steps * strength), num_steps)
+
+
 def initial_noise(
     generator: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:
@@ -302,8 +321,9 @@ def step_rows(rows: list[RowState], x: torch.Tensor, eps: torch.Tensor) -> tuple
             sigma = torch.stack([r.schedule.sigmas[r.step] for r in sel])
             sigma_next = torch.stack([r.schedule.sigmas[r.step + 1] for r in sel])
             sigma_prev = torch.stack([r.schedule.sigmas[max(r.step - 1, 0)] for r in sel])
-            # first order on the first step and on the last (final sigma 0), second order between
-            second = torch.tensor([0 < r.step < r.schedule.num_steps - 1 for r in sel])
+            # first order without history (the row's first step: step 0, or an img2img row's start) and on
+            # the last (final sigma 0), second order between
+            second = torch.tensor([r.x0_prev is not None and r.step < r.schedule.num_steps - 1 for r in sel])
             history = torch.cat([r.x0_prev if r.x0_prev is not None else torch.zeros_like(xs[:1]) for r in sel])
             prev, x0 = dpmpp_2m_step(xs.float(), es, sigma, sigma_next, sigma_prev, history.float(), second)
             for j, r in enumerate(sel):

@@ -1,0 +1,126 @@
+"""Oracle: our img2img rows equal diffusers' StableDiffusionXLImg2ImgPipeline on the saved tiny model
+within 1/255 for each scheduler, start where it starts, and batch with text-to-image rows unchanged."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline
+from PIL import Image
+
+from conftest import max_pixel_diff
+from spo_runtime import InvalidRequestError
+from spo_runtime.sampler import img2img_start
+from test_oracle import SCHEDULERS
+
+
+@pytest.fixture(scope="module")
+def img2img_ref(tiny_dir, diffusers_pipe):
+    p = StableDiffusionXLImg2ImgPipeline(**diffusers_pipe.components, requires_aesthetics_score=False,
+                                         force_zeros_for_empty_prompt=True)
+    p.set_progress_bar_config(disable=True)
+    p.base_scheduler_config = dict(p.scheduler.config)  # from_config carries a scheduler's options to the next
+    return p
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    rng = np.random.default_rng(3)
+    return Image.fromarray((rng.random((72, 84, 3)) * 255).astype(np.uint8))  # 84 -> 80: rounded down to 8
+
+
+def b64(img, fmt="PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def reference(ref, scheduler, image, strength, seed, steps=10, scale=1.0, **kw):
+    ref.scheduler = SCHEDULERS[scheduler](ref.base_scheduler_config)
+    ref.set_adapters(["spo"], adapter_weights=[scale])
+    return ref(prompt="a fox in snow", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+               generator=torch.Generator("cpu").manual_seed(seed), **kw).images[0]
+
+
+# each scheduler at a strength that starts it mid-schedule; DPM++ also from the very first step (1.0)
+@pytest.mark.parametrize("scheduler,strength", [("ddim", 0.3), ("euler", 0.75), ("dpmpp_2m_karras", 0.5),
+                                                ("dpmpp_2m_karras", 1.0)])
+def test_img2img_matches_diffusers(pipe, img2img_ref, init_image, scheduler, strength):
+    [ours] = pipe.generate([dict(prompt="a fox in snow", seed=11, num_inference_steps=6, scheduler=scheduler,
+                                 init_image=b64(init_image), strength=strength)])
+    theirs = reference(img2img_ref, scheduler, init_image, strength, 11, steps=6)
+    assert ours.image.size == theirs.size == (80, 72)
+    assert max_pixel_diff(ours.image, theirs) <= 1
+
+
+def test_img2img_resizes_to_the_requested_size_like_diffusers(pipe, img2img_ref, init_image):
+    [ours] = pipe.generate([dict(prompt="a fox in snow", seed=5, num_inference_steps=4, init_image=init_image,
+                                 width=64, height=96, lora_scale=0.5)])
+    # diffusers' img2img takes its size from the image: the user resizes first (PIL, Lanczos)
+    theirs = reference(img2img_ref, "ddim", init_image.resize((64, 96), Image.LANCZOS), 0.75, 5, steps=4, scale=0.5)
+    assert ours.image.size == (64, 96) and max_pixel_diff(ours.image, theirs) <= 1
+
+
+def test_rows_start_where_diffusers_starts():
+    # diffusers' get_timesteps: int(n * strength) steps run, the last ones
+    assert [img2img_start(10, s) for s in (0.3, 0.75, 1.0, 0.1)] == [7, 3, 0, 9]
+    assert img2img_start(20, 0.999) == 1
+
+
+def test_mixed_batch_equals_each_row_alone(pipe, init_image):
+    reqs = [
+        dict(prompt="a cat", seed=1, num_inference_steps=4, width=80, height=72, scheduler="dpmpp_2m_karras"),
+        dict(prompt="a fox in snow", seed=2, num_inference_steps=4, init_image=init_image, strength=0.5, scheduler="euler"),
+        dict(prompt="a fox in snow", seed=4, num_inference_steps=4, init_image=init_image, strength=0.8,
+             scheduler="dpmpp_2m_karras"),
+    ]
+    together = pipe.generate(reqs)
+    for r, t in zip(reqs, together):
+        assert max_pixel_diff(t.image, pipe.generate([r])[0].image) <= 1  # batch-size kernel noise, as for txt2img
+
+
+def test_img2img_parameters_text_records_the_strength(pipe, init_image):
+    [r] = pipe.generate([dict(prompt="a fox", seed=1, num_inference_steps=4, init_image=init_image, strength=0.5)])
+    assert "Denoising strength: 0.5" in r.parameters_text()
+
+
+@pytest.mark.parametrize("image,needle", [
+    ("not base64!", "not valid base64"),
+    (base64.b64encode(b"GIF89a....").decode(), "not decodable"),
+    (12, "base64 string"),
+])
+def test_bad_images_are_refused_naming_init_image(pipe, image, needle):
+    with pytest.raises(InvalidRequestError) as e:
+        pipe.prepare([dict(prompt="a", init_image=image)])
+    assert e.value.field == "init_image" and needle in str(e.value)
+
+
+def test_image_sizes_the_preset_does_not_allow(pipe):
+    big = Image.new("RGB", (512, 64))
+    with pytest.raises(InvalidRequestError) as e:
+        pipe.prepare([dict(prompt="a", init_image=b64(big))])
+    assert e.value.field == "init_image" and "32..256" in str(e.value)
+    assert pipe.prepare([dict(prompt="a", init_image=b64(big), width=128, height=64)])[0].width == 128  # resized
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    with pytest.raises(InvalidRequestError, match="init_image"):
+        pipe.prepare([dict(prompt="a", init_image=base64.b64encode(gif.getvalue()).decode())])
+
+
+def test_too_many_pixels_refused_before_decoding(pipe):
+    huge = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(huge, format="PNG")  # a few KB compressed, 20 M pixels
+    with pytest.raises(InvalidRequestError) as e:
+        pipe.prepare([dict(prompt="a", init_image=base64.b64encode(huge.getvalue()).decode())])
+    assert "16,777,216 pixels" in str(e.value)
+
+
+def test_strength_rules(pipe, init_image):
+    with pytest.raises(InvalidRequestError, match="strength: only with init_image"):
+        pipe.prepare([dict(prompt="a", strength=0.5)])
+    with pytest.raises(InvalidRequestError, match="strength: with num_inference_steps=2 must be >= 0.5"):
+        pipe.prepare([dict(prompt="a", init_image=init_image, num_inference_steps=2, strength=0.3)])
