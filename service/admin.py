@@ -40,15 +40,18 @@ def bound() -> SPOService | None:
 
 
 async def info(request: Request) -> Response:
+    from service.workers import describe, worker_index
     from spo_runtime import __version__
 
     svc = _Bound.service
     if svc is None or svc.pipe is None:
-        return JSONResponse({"ready": False, "failure": svc.failure if svc else None, "version": __version__})
+        return JSONResponse({"ready": False, "failure": svc.failure if svc else None, "version": __version__,
+                             "worker_index": worker_index(), "pid": os.getpid()})
     authed = admin_denied(request, svc.admin_token) is None
     body = svc.pipe.info(show_paths=authed)
-    workers = await anyio.to_thread.run_sync(svc.sync.workers) if svc.sync else []
-    body.update({"ready": svc.ready, "engine": svc.engine.stats(), "workers": workers,
+    reports = await anyio.to_thread.run_sync(svc.sync.workers) if svc.sync else []
+    workers = await anyio.to_thread.run_sync(describe, svc.settings.data_dir, reports)  # each one's index and device
+    body.update({"ready": svc.ready, "engine": svc.engine.stats(), "workers": workers, "worker_index": worker_index(),
                  "pid": os.getpid(), "uptime_s": round(time.time() - svc.started, 1)})
     return JSONResponse(body)
 

@@ -24,7 +24,7 @@ import bentoml
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
-from service import admin
+from service import admin, workers
 from service.auth import admin_token, bearer_ok
 from service.errors import Contract, error_body, error_response, map_error
 from service.schemas import FORMATS, BatchResponse, declare_responses, generation_bodies, request_dict
@@ -68,7 +68,7 @@ GenerateBody, GenerateBatchBody = generation_bodies(_size_range(SETTINGS))
 
 @bentoml.service(
     name="spo-serve",
-    workers=SETTINGS.workers,
+    workers=workers.server_workers(SETTINGS),  # SPO_WORKERS=auto: one per visible GPU
     traffic={"timeout": 900, "max_concurrency": 512},
 )
 class SPOService:
@@ -96,7 +96,7 @@ class SPOService:
             from spo_runtime.state import AdminStore, AdminSync
 
             s = self.settings
-            self.pipe = load_pipeline(s)
+            self.pipe = load_pipeline(workers.bind(s))  # this worker's device: one engine per GPU
             self.admin_store = AdminStore(s.data_dir, s.adapters_path)
             self.engine = Engine(self.pipe, s.engine_config(), faults=s.fault_plan)
             metrics = self.engine.metrics

@@ -60,7 +60,21 @@ class Settings(BaseModel):
     api_token: SecretStr | None = Field(None, min_length=8, description="bearer token the generation routes require")
     drain_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False,
                            description="on SIGTERM, how long admitted and queued requests may take to finish")
-    workers: int = Field(1, ge=1, le=64)
+    workers: int | str = Field(1, description="BentoML worker processes: 1..64, or auto (one per visible GPU)")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        """SPO_WORKERS: an integer 1..64 or `auto` (service/workers.py resolves it at start-up)."""
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        n = int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+        if isinstance(v, str) and v.strip().isdigit():
+            n = int(v.strip())
+        if n is None or not 1 <= n <= 64:
+            raise ValueError(f"must be an integer in 1..64 or auto, got {v!r}")
+        return n
+
 
     log_prompts: bool = False
     faults: str | None = Field(None, description="test-only fault injection (spo_runtime.faults)")
