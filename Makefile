@@ -26,7 +26,7 @@ serve: $(STAMP)
 build: $(STAMP)
 	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml build
 
-test: $(STAMP)
+test: $(STAMP) deps-system
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
@@ -58,3 +58,17 @@ gpu-wheels:
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Debian tools the deployment tests use: kubectl (Debian's package is kubernetes-client) for
+# tests/test_deploy.py, prometheus and promtool for tests/test_prometheus.py. Installs only what is
+# missing (as root, or through sudo); the tests themselves install nothing.
+SYSTEM_TOOLS := kubectl=kubernetes-client prometheus=prometheus promtool=prometheus
+.PHONY: deps-system
+deps-system:
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%=*} >/dev/null || echo $${t#*=}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "apt-get install" $$missing; \
+		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
