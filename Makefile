@@ -63,7 +63,7 @@ clean:
 # tests/test_deploy.py, prometheus and promtool for tests/test_prometheus.py. Installs only what is
 # missing (as root, or through sudo); the tests themselves install nothing.
 SYSTEM_TOOLS := kubectl=kubernetes-client prometheus=prometheus promtool=prometheus
-.PHONY: deps-system
+.PHONY: deps-system prometheus-check
 deps-system:
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%=*} >/dev/null || echo $${t#*=}; done | sort -u); \
 	if [ -n "$$missing" ]; then \
@@ -72,3 +72,8 @@ deps-system:
 		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
+# The Prometheus files alone (no server): promtool on the rules, their unit tests and the one-machine config.
+prometheus-check: deps-system
+	promtool check rules deploy/prometheus/rules.yml
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool test rules deploy/prometheus/rules_test.yml
