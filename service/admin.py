@@ -151,14 +151,19 @@ async def unload_adapter(svc: SPOService, request: Request) -> Response:
 
 @admin
 async def list_adapters(svc: SPOService, request: Request) -> Response:
+    from spo_runtime.state import file_state
+
     reg = svc.pipe.registry
+    adapters = list(reg.adapters.values())
+    # the loaded weights keep serving whatever happens to their file; the listing says when it changed
+    states = await anyio.to_thread.run_sync(lambda: [file_state(a.source, a.sha256) for a in adapters])
     return JSONResponse({
         "default_adapter": svc.pipe.default_adapter,
         "default_lora_scale": svc.pipe.default_lora_scale,
         "fused": {"adapter": reg.fused[0], "scale": reg.fused[1]} if reg.fused else None,
         "memory_bytes": reg.nbytes,
         "memory_limit_bytes": reg.memory_limit_bytes,
-        "adapters": [{**a.info(show_source=False), "targets": a.targets} for a in reg.adapters.values()],
+        "adapters": [{**a.info(show_source=False), "targets": a.targets, "file_state": st} for a, st in zip(adapters, states)],
     })
 
 

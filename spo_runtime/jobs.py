@@ -2,8 +2,9 @@
 
 - A job record (`job.json`, replaced atomically) holds the request, the state (queued, running,
   completed, failed, canceled, interrupted), progress and a history of state changes.
-- The supervisor is whichever worker holds `jobs/.supervisor.lock`; it starts queued jobs one at a
-  time as `python -m spo_runtime train-job <dir>` (its own process, on the training device), notices
+- The supervisor is whichever worker holds `jobs/.supervisor.lock`; it starts queued jobs, at most
+  SPO_MAX_TRAIN_JOBS (default 1) at once, the rest waiting queued in FIFO order, each as
+  `python -m spo_runtime train-job <dir>` (its own process, on the training device), notices
   trainers that died, and at start-up marks jobs left `running` by a dead server as `interrupted`
   and queues them again: they resume from their last checkpoint. It takes the trainer's environment
   and device from its caller; it reads no environment of its own.
@@ -137,21 +138,27 @@ def _flock(path: Path):
 
 
 class Supervisor:
-    """Starts queued jobs one at a time in their own process. Only the lock holder supervises.
+    """Starts queued jobs in their own processes, at most `max_jobs` at once. Only the lock holder supervises.
 
     `env` is the trainer process's whole environment (its SPO_* settings included); `train_device`,
     when set, becomes the trainer's SPO_DEVICE. `command` starts a trainer; the job directory and
-    `--adapter-dir DIR` are appended."""
+    `--adapter-dir DIR` are appended. `max_jobs`: default SPO_MAX_TRAIN_JOBS as `env` gives it (1)."""
 
     def __init__(self, store: JobStore, env: Mapping[str, str], train_device: str | None = None, poll_s: float = 0.5,
-                 on_change=None, command: Sequence[str] = TRAINER_COMMAND):
+                 on_change=None, command: Sequence[str] = TRAINER_COMMAND, max_jobs: int | None = None):
         self.store = store
         self.env = dict(env)
         self.train_device = train_device
         self.command = list(command)
         self.poll_s = poll_s
-        self.proc: subprocess.Popen | None = None
-        self.current: str | None = None
+        if max_jobs is None:
+            from .settings import Settings
+
+            max_jobs = Settings.from_env({k: v for k, v in self.env.items() if k == "SPO_MAX_TRAIN_JOBS"}).max_train_jobs
+        if max_jobs < 1:
+            raise ValueError(f"SPO_MAX_TRAIN_JOBS: must be >= 1, got {max_jobs}")
+        self.max_jobs = max_jobs
+        self.running: dict[str, subprocess.Popen] = {}  # job id -> its trainer, in start order
         self.owner = False
         self._lock_fh = None
         self._stop = threading.Event()
@@ -192,25 +199,33 @@ class Supervisor:
                 log.exception("job supervisor tick failed")
             self._stop.wait(self.poll_s)
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The oldest running trainer (the only one with SPO_MAX_TRAIN_JOBS=1), or None."""
+        return next(iter(self.running.values()), None)
+
+    @property
+    def current(self) -> str | None:
+        return next(iter(self.running), None)
+
     def _tick(self) -> None:
-        if self.proc is not None:
-            code = self.proc.poll()
+        for job_id, proc in list(self.running.items()):
+            code = proc.poll()
             if code is None:
-                return
-            rec = self.store.read(self.current)
+                continue
+            rec = self.store.read(job_id)
             if rec["state"] == "running":  # the trainer died without recording an outcome
                 reason = f"the trainer process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
-                self.store.update(self.current, state="failed", error=reason, finished_at=time.time())
-            self.proc, self.current = None, None
+                self.store.update(job_id, state="failed", error=reason, finished_at=time.time())
+            del self.running[job_id]
             self._changed()
-        if self._stopping:
+        if self._stopping or len(self.running) >= self.max_jobs:
             return
-        pending = [r for r in self.store.list() if r["state"] in ("interrupted", "queued")]
-        if not pending:
-            return
-        # interrupted jobs first (they were running), then FIFO
-        rec = sorted(pending, key=lambda r: (r["state"] != "interrupted", r["created_at"]))[0]
-        self._spawn(rec["job_id"])
+        pending = [r for r in self.store.list() if r["state"] in ("interrupted", "queued") and r["job_id"] not in self.running]
+        # interrupted jobs first (they were running), then FIFO; the rest stay queued
+        pending.sort(key=lambda r: (r["state"] != "interrupted", r["created_at"]))
+        for rec in pending[: self.max_jobs - len(self.running)]:
+            self._spawn(rec["job_id"])
 
     def _spawn(self, job_id: str) -> None:
         d = self.store.dir(job_id)
@@ -221,7 +236,7 @@ class Supervisor:
         self.store.update(job_id, state="running", started_at=time.time(), error=None)
         try:
             with open(d / "trainer.log", "ab") as log_fh:  # the child has its own copy of the descriptor
-                self.proc = subprocess.Popen(
+                proc = subprocess.Popen(
                     [*self.command, str(d), "--adapter-dir", str(self.store.adapter_dir)],
                     env=env, stdout=log_fh, stderr=subprocess.STDOUT,
                     start_new_session=True,  # signals to the server's process group reach it only through stop()
@@ -230,7 +245,7 @@ class Supervisor:
             self.store.update(job_id, state="failed", error=f"the trainer process could not start: {e}", finished_at=time.time())
             self._changed()
             return
-        self.current = job_id
+        self.running[job_id] = proc
         self._changed()
 
     def _changed(self) -> None:
@@ -245,17 +260,19 @@ class Supervisor:
         return out
 
     def stop(self, grace_s: float = 60.0) -> None:
-        """SIGTERM the trainer (it checkpoints at its round boundary) and wait for it.
+        """SIGTERM every trainer (each checkpoints at its round boundary) and wait for them.
 
-        The supervisor thread must outlive the trainer: PR_SET_PDEATHSIG fires when the thread that
-        started the child ends, so the loop stops only after the trainer has exited.
+        The supervisor thread must outlive the trainers: PR_SET_PDEATHSIG fires when the thread that
+        started the child ends, so the loop stops only after the trainers have exited.
         """
         self._stopping = True  # no new trainer from here on
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
+        procs = [p for p in list(self.running.values()) if p.poll() is None]
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
             try:
-                proc.wait(grace_s)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
         self._stop.set()

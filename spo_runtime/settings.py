@@ -81,6 +81,7 @@ class Settings(BaseModel):
 
     # -- training ----------------------------------------------------------------------------
     train_device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="default: SPO_DEVICE")
+    max_train_jobs: int = Field(1, ge=1, le=64, description="training jobs run at once; the rest wait queued")
 
     @field_validator("faults")
     @classmethod

@@ -9,22 +9,46 @@ SPO_DATA_DIR/workers/<pid>.json.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import InvalidRequestError, SpoError
-from .fsutil import write_json_atomic
+from .fsutil import fsync_dir, write_json_atomic
 from .models import file_sha256
 
 log = logging.getLogger("spo_runtime.state")
 
 # default_lora_scale / default_adapter are present only once an admin set them
 EMPTY: dict[str, Any] = {"version": 0, "adapters": {}, "removed": []}
+
+
+def _invalid(state: Any) -> str | None:
+    """Why a parsed admin state cannot be used, or None."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    v = state.get("version", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        return f"version must be an integer >= 0, got {v!r}"
+    adapters = state.get("adapters", {})
+    if not isinstance(adapters, dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in adapters.values()):
+        return "adapters must map names to {file, sha256}"
+    removed = state.get("removed", [])
+    if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+        return "removed must be a list of names"
+    if "default_lora_scale" in state:
+        x = state["default_lora_scale"]
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not -2 <= x <= 2:
+            return f"default_lora_scale must be a number in -2..2, got {x!r}"
+    if not isinstance(state.get("default_adapter"), (str, type(None))):
+        return "default_adapter must be a name or null"
+    return None
 
 
 def resolve_under(root: Path, relative: str, field: str, suffixes: tuple[str, ...] = (".safetensors",)) -> Path:
@@ -42,6 +66,29 @@ def resolve_under(root: Path, relative: str, field: str, suffixes: tuple[str, ..
     return path
 
 
+_hashed: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> (its stat when hashed, sha256)
+
+
+def file_state(source: str | None, sha256: str | None) -> str | None:
+    """Whether a loaded adapter's file still holds the bytes that were loaded: "unchanged", "changed"
+    (other bytes now; the loaded copy keeps serving), "missing" (deleted or unreadable), or None when
+    the adapter did not come from a file (built in, trained in process). The file is hashed again only
+    when its size, mtime or inode changed since it was last hashed."""
+    if not source or not sha256 or not Path(source).is_absolute():
+        return None
+    try:
+        st = os.stat(source)
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        seen = _hashed.get(source)
+        if seen is None or seen[0] != key:
+            seen = (key, file_sha256(source))
+            _hashed[source] = seen
+    except OSError:
+        _hashed.pop(source, None)
+        return "missing"
+    return "unchanged" if seen[1] == sha256 else "changed"
+
+
 class AdminStore:
     """The recorded admin settings: read by any process, changed only through `mutate` (file lock)."""
 
@@ -51,26 +98,68 @@ class AdminStore:
         self.path = self.data_dir / "admin_state.json"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
+        self.quarantined = self.quarantine_if_damaged()  # a damaged file never stops the server
+
+    def load(self) -> tuple[dict | None, str | None]:
+        """(the recorded state, None), (None, None) when there is no file, or (None, why) when the file
+        is damaged: not JSON, not an object, or a field of the wrong type."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            return None, f"unreadable: {e}"
+        try:
+            state = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return None, f"not JSON: {e}"
+        problem = _invalid(state)
+        return (None, problem) if problem else ({**json.loads(json.dumps(EMPTY)), **state}, None)
 
     def read(self) -> dict:
-        try:
-            return {**EMPTY, **json.loads(self.path.read_text())}
-        except FileNotFoundError:
-            return json.loads(json.dumps(EMPTY))
-        except (json.JSONDecodeError, OSError) as e:
-            log.error("admin state %s unreadable (%s): ignoring it", self.path, e)
-            return json.loads(json.dumps(EMPTY))
+        state, problem = self.load()
+        if problem:
+            log.error("admin state %s is damaged (%s): ignoring it", self.path, problem)
+        return state if state is not None else json.loads(json.dumps(EMPTY))
 
     def version(self) -> int:
-        try:
-            return int(json.loads(self.path.read_text()).get("version", 0))
-        except (FileNotFoundError, json.JSONDecodeError, OSError, ValueError):
-            return 0
+        state, _ = self.load()
+        return int(state.get("version", 0)) if state is not None else 0
 
-    def mutate(self, change: Callable[[dict], None]) -> dict:
-        """Apply `change` to the recorded state under an exclusive lock; bump the version."""
+    def quarantine_if_damaged(self) -> Path | None:
+        """At start (and before a change): a damaged state file is moved aside to
+        `admin_state.json.corrupt` (then `.corrupt.1`, ...; never overwritten) and logged, so the
+        server starts from the defaults and the bad bytes stay for a person to read. Returns the
+        path it was moved to, or None."""
+        with self._lock():
+            return self._quarantine()
+
+    def _quarantine(self) -> Path | None:
+        _, problem = self.load()
+        if not problem:
+            return None
+        dest = self.path.with_name(self.path.name + ".corrupt")
+        n = 0
+        while dest.exists():
+            n += 1
+            dest = self.path.with_name(f"{self.path.name}.corrupt.{n}")
+        os.replace(self.path, dest)
+        fsync_dir(self.data_dir)
+        log.error("admin state %s is damaged (%s): moved to %s; starting from the defaults "
+                  "(default scale, default adapter and loaded adapters as configured)", self.path, problem, dest)
+        return dest
+
+    @contextlib.contextmanager
+    def _lock(self):
         with open(self.data_dir / ".admin_state.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def mutate(self, change: Callable[[dict], None]) -> dict:
+        """Apply `change` to the recorded state under an exclusive lock; bump the version. A damaged
+        file is moved aside first (see quarantine_if_damaged)."""
+        with self._lock():
+            self._quarantine()
             state = self.read()
             change(state)
             state["version"] = int(state.get("version", 0)) + 1
@@ -92,6 +181,7 @@ class AdminSync:
         self.running_scales: Callable[[], list[dict[str, float]]] = lambda: []
         self._seen: tuple | None = ()  # the state file's (mtime, size, inode) at the last poll
         self._pending = False
+        self._applied_at: float | None = None  # updated_at of the applied state
 
     def poll(self) -> None:
         """Called at every step boundary: a stat, and a read only when the file changed (or an
@@ -104,8 +194,17 @@ class AdminSync:
         if seen == self._seen and not self._pending:
             return
         self._seen = seen
-        if self.store.version() != self.applied_version:
-            self.apply(self.store.read())
+        state, problem = self.store.load()
+        if problem:  # damaged while we run: keep what is applied; the next admin change replaces the file
+            log.error("admin state %s is damaged (%s): keeping the applied settings", self.store.path, problem)
+            self.errors["admin_state"] = problem
+            self.report()
+            return
+        self.errors.pop("admin_state", None)
+        state = state if state is not None else json.loads(json.dumps(EMPTY))
+        # the version, and the time of the change: versions restart at 1 after a damaged file was moved aside
+        if (int(state.get("version", 0)), state.get("updated_at")) != (self.applied_version, self._applied_at):
+            self.apply(state)
 
     def apply(self, s: dict) -> None:
         reg = self.pipe.registry
@@ -137,6 +236,7 @@ class AdminSync:
         self._pending = pending
         if not pending:
             self.applied_version = s.get("version", 0)
+            self._applied_at = s.get("updated_at")
         self.report()
         if self.on_change:
             self.on_change()
