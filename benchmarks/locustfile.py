@@ -49,7 +49,7 @@ log = logging.getLogger("spo_load")
 SCHEDULERS = typing.get_args(GenerationRequest.model_fields["scheduler"].annotation)
 # every body this file sends is checked against the server's schema (the widest size range: the
 # server's preset may still refuse a size, which the failure table then shows)
-GENERATE, GENERATE_BATCH = generation_bodies(SIZE_RANGE)
+GENERATE, GENERATE_BATCH, _ = generation_bodies(SIZE_RANGE)
 _user_ids = itertools.count()
 _prompts: list[str] = []
 _admin_initial: dict = {}

@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from service.auth import admin_denied
 from service.errors import Conflict, map_error, parse_body
+from service.stream import generate_stream
 from service.schemas import JobBody, LoadBody, NameBody, ScaleBody, TrainSubmitBody
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.requests import ADAPTER_NAME, ADAPTER_NAME_RULE, GenerationRequest
@@ -263,6 +264,7 @@ async def train_list(svc: SPOService, request: Request) -> Response:
 
 
 app = Starlette(routes=[
+    Route("/generate/stream", generate_stream, methods=["POST"]),
     Route("/train/submit", train_submit, methods=["POST"]),
     Route("/train/status", train_status, methods=["GET"]),
     Route("/train/get", train_get, methods=["GET"]),

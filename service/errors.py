@@ -99,9 +99,11 @@ class Contract:
 
     def __init__(self, app, models: dict[str, type[BaseModel]] | None = None,
                  limits: dict[str, int] | None = None, default_limit: int = DEFAULT_BODY_LIMIT,
-                 docs: Callable[[dict], dict] | None = None, guard: Callable[[dict], dict | None] | None = None):
+                 docs: Callable[[dict], dict] | None = None, guard: Callable[[dict], dict | None] | None = None,
+                 image_limit: int | None = None):
         self.app = app
         self.docs = docs
+        self.image_limit = image_limit  # generation bodies that carry init_image may be this large
         self.guard = guard  # headers -> None (let in) or an error body (401) for the generation routes
         self.models = models or {}
         self.limits = limits if limits is not None else {path: GENERATION_BODY_LIMIT for path in self.models}
@@ -117,6 +119,9 @@ class Contract:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         limit = self.limits.get(path, self.default_limit)
+        plain_limit = limit  # a generation body without an image keeps the small limit
+        if path in self.models and self.image_limit:
+            limit = max(limit, self.image_limit)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
@@ -140,6 +145,9 @@ class Contract:
             more = message.get("more_body", False)
             if len(body) > limit:
                 return await _refuse(send, 400, f"body: must be at most {limit} bytes, got more", "body")
+        if len(body) > plain_limit and not _has_image(body):
+            return await _refuse(send, 400, f"body: must be at most {plain_limit} bytes without init_image "
+                                            f"(SPO_MAX_IMAGE_BYTES={limit} with one), got {len(body)}", "body")
         try:
             parse_body(model, body)
         except InvalidRequestError as e:
@@ -171,6 +179,14 @@ class Contract:
             await self.app(scope, limited_receive, send)
         except _TooLarge as e:
             await _refuse(send, 400, f"body: must be at most {limit} bytes, got {e.size}", "body")
+
+
+def _has_image(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("init_image") is not None
 
 
 class _TooLarge(Exception):

@@ -25,9 +25,9 @@ class OutputFields(BaseModel):
         description="Deadline in seconds, (0, 3600], capped by SPO_REQUEST_TIMEOUT_S; past it the answer is 504.")
 
 
-def generation_bodies(size_range: tuple[int, int]) -> tuple[type[BaseModel], type[BaseModel]]:
-    """(/generate's body, /generate_batch's body) for a preset's size range: the request model plus the
-    output fields; the batch body adds `n`."""
+def generation_bodies(size_range: tuple[int, int]) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
+    """(/generate's body, /generate_batch's, /generate/stream's) for a preset's size range: the request model
+    plus the output fields; the batch body adds `n`, the stream body `preview`."""
     request = GenerationRequest.for_sizes(*size_range)
     fields = {name: (f.annotation, f) for name, f in OutputFields.model_fields.items()}
     single = create_model("GenerateBody", __base__=request, __module__=__name__, __doc__="Body of POST /generate.",
@@ -38,7 +38,37 @@ def generation_bodies(size_range: tuple[int, int]) -> tuple[type[BaseModel], typ
                 f"(seed + n - 1 must stay <= {MAX_SEED}: a 400 naming `seed`).",
         __validators__={"_seed_room": model_validator(mode="after")(_seed_room)},
         n=(int, Field(1, ge=1, le=MAX_N, description=f"Images, 1..{MAX_N}.")))
-    return single, batch
+    stream = create_model(
+        "GenerateStreamBody", __base__=single, __module__=__name__,
+        __doc__="Body of POST /generate/stream: /generate's, answered as Server-Sent Events.",
+        preview=(bool, Field(False, description="Each `step` event carries a small PNG of the latent (a fixed "
+                                                "linear latent-to-RGB map, no VAE call).")))
+    return single, batch, stream
+
+
+def result_fields(rid: str, r) -> dict:
+    """What the X-* headers of a generation answer say, typed (the stream's `done` event carries them)."""
+    t = r.timings
+    return {
+        "request_id": rid, "seed": r.seed, "lora_scale": float(r.lora_scale), "adapter": r.adapter or "",
+        "adapter_sha256": (r.adapter_sha256 or "")[:16], "prompt_truncated": bool(r.prompt_truncated),
+        "queue_ms": round(t.get("queue_ms", 0.0), 1),
+        "inference_ms": round(t.get("encode_ms", 0.0) + t.get("denoise_ms", 0.0) + t.get("decode_ms", 0.0), 1),
+    }
+
+
+def result_headers(rid: str, r) -> dict[str, str]:
+    f = result_fields(rid, r)
+    return {
+        "X-Request-Id": rid,
+        "X-Seed": str(f["seed"]),
+        "X-Lora-Scale": repr(f["lora_scale"]),
+        "X-Adapter": f["adapter"],
+        "X-Adapter-Sha256": f["adapter_sha256"],
+        "X-Prompt-Truncated": "true" if f["prompt_truncated"] else "false",
+        "X-Queue-Ms": f"{f['queue_ms']:.1f}",
+        "X-Inference-Ms": f"{f['inference_ms']:.1f}",
+    }
 
 
 def _seed_room(body):
@@ -49,9 +79,9 @@ def _seed_room(body):
 
 
 def request_dict(body: BaseModel) -> dict:
-    """The core request of a generation body: the output fields and `n` removed, unset optionals dropped
-    (an absent negative prompt stays None: SDXL's zero embedding)."""
-    out = body.model_dump(exclude=set(OutputFields.model_fields) | {"n"})
+    """The core request of a generation body: only the request model's fields (not the output fields, `n`
+    or `preview`), unset optionals dropped (an absent negative prompt stays None: SDXL's zero embedding)."""
+    out = body.model_dump(include=set(GenerationRequest.model_fields))
     return {k: v for k, v in out.items() if v is not None or k == "negative_prompt"}
 
 
@@ -136,7 +166,8 @@ ERROR_STATUSES = {
 }
 
 
-def declare_responses(doc: dict, routes: dict[str, tuple[list[str], type[BaseModel] | None]]) -> dict:
+def declare_responses(doc: dict, routes: dict[str, tuple[list[str], type[BaseModel] | None]],
+                      stream: type[BaseModel] | None = None) -> dict:
     """BentoML's OpenAPI document (as JSON) with, for each generation route, its 200 media types and
     the error body of every status it can answer. BentoML builds the document anew on every GET
     /docs.json and declares only its own three error schemas, so the door middleware applies this."""
@@ -154,6 +185,15 @@ def declare_responses(doc: dict, routes: dict[str, tuple[list[str], type[BaseMod
               "content": {m: {"schema": body} for m in media}}
         post["responses"] = {"200": ok, **{str(code): {**error, "description": text, **({"headers": retry} if code in (429, 503) else {})}
                                            for code, text in ERROR_STATUSES.items()}}
+    if stream is not None:  # a route of the mounted app, which BentoML's document leaves out
+        doc["paths"]["/generate/stream"] = {"post": {
+            "description": "/generate's request answered as Server-Sent Events: queued, one step per denoising step, "
+                           "then done (the image and the X-* fields) or error (the error body).",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": stream.model_json_schema()}}},
+            "responses": {"200": {"description": "text/event-stream of queued, step, done | error events",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          **{str(code): {**error, "description": text} for code, text in ERROR_STATUSES.items()}},
+        }}
     return _openapi30(doc)
 
 

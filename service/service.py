@@ -27,7 +27,8 @@ from starlette.responses import JSONResponse, Response
 from service import admin, workers
 from service.auth import admin_token, bearer_ok
 from service.errors import Contract, error_body, error_response, map_error
-from service.schemas import FORMATS, BatchResponse, declare_responses, generation_bodies, request_dict
+from service.schemas import (FORMATS, BatchResponse, declare_responses, generation_bodies, request_dict,
+                             result_headers)
 from spo_runtime.errors import ConfigError
 from spo_runtime.settings import Settings
 
@@ -63,7 +64,7 @@ def _size_range(settings: Settings) -> tuple[int, int]:
 
 
 SETTINGS = _settings()
-GenerateBody, GenerateBatchBody = generation_bodies(_size_range(SETTINGS))
+GenerateBody, GenerateBatchBody, GenerateStreamBody = generation_bodies(_size_range(SETTINGS))
 
 
 @bentoml.service(
@@ -192,7 +193,7 @@ class SPOService:
     async def _generate(self, ctx: bentoml.Context, route: str, body: dict, n: int, respond) -> Response:
         """Validate (already done at the door, again here for direct callers), run, encode, log."""
         t0 = time.perf_counter()
-        rid = _request_id(ctx)
+        rid = request_id(ctx.request.headers)
         results = None
         self.inflight += 1
         try:
@@ -232,7 +233,7 @@ class SPOService:
             r = results[0]
             # encoding a 1024x1024 PNG takes tens of ms: off the event loop
             data = await anyio.to_thread.run_sync(encode_image, r, parsed.format, parsed.quality)
-            return Response(data, media_type=FORMATS[parsed.format], headers=_headers(rid, r))
+            return Response(data, media_type=FORMATS[parsed.format], headers=result_headers(rid, r))
 
         return await self._generate(ctx, "/generate", body, 1, respond)
 
@@ -253,7 +254,7 @@ class SPOService:
                 "prompt_truncated": r0.prompt_truncated, "timings_ms": {k: round(v, 1) for k, v in r0.timings.items()},
                 "request_id": rid,
             }
-            return JSONResponse(payload, headers=_headers(rid, r0))
+            return JSONResponse(payload, headers=result_headers(rid, r0))
 
         return await self._generate(ctx, "/generate_batch", body, body.get("n", 1), respond)
 
@@ -273,23 +274,10 @@ class SPOService:
         access.info(json.dumps(rec))
 
 
-def _request_id(ctx: bentoml.Context) -> str:
-    given = ctx.request.headers.get("x-request-id", "")
+def request_id(headers) -> str:
+    """The caller's X-Request-Id when it is short and plain, else a fresh one."""
+    given = headers.get("x-request-id", "")
     return given if given and len(given) <= 64 and given.replace("-", "").isalnum() else uuid.uuid4().hex
-
-
-def _headers(rid: str, r) -> dict[str, str]:
-    t = r.timings
-    return {
-        "X-Request-Id": rid,
-        "X-Seed": str(r.seed),
-        "X-Lora-Scale": repr(float(r.lora_scale)),
-        "X-Adapter": r.adapter or "",
-        "X-Adapter-Sha256": (r.adapter_sha256 or "")[:16],
-        "X-Prompt-Truncated": "true" if r.prompt_truncated else "false",
-        "X-Queue-Ms": f"{t.get('queue_ms', 0.0):.1f}",
-        "X-Inference-Ms": f"{t.get('encode_ms', 0.0) + t.get('denoise_ms', 0.0) + t.get('decode_ms', 0.0):.1f}",
-    }
 
 
 SPOService = bentoml.asgi_app(admin.app, path="/")(SPOService)
@@ -305,6 +293,8 @@ def _generation_guard(headers: dict) -> dict | None:
 
 
 SPOService.add_asgi_middleware(
-    Contract, models={"/generate": GenerateBody, "/generate_batch": GenerateBatchBody}, guard=_generation_guard,
+    Contract, models={"/generate": GenerateBody, "/generate_batch": GenerateBatchBody, "/generate/stream": GenerateStreamBody},
+    guard=_generation_guard, image_limit=SETTINGS.max_image_bytes,
     docs=functools.partial(declare_responses, routes={"/generate": (list(FORMATS.values()), None),
-                                                      "/generate_batch": (["application/json"], BatchResponse)}))
+                                                      "/generate_batch": (["application/json"], BatchResponse)},
+                           stream=GenerateStreamBody))

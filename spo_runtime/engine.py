@@ -107,10 +107,25 @@ class Submission:
     cancelled: bool = False
     answered: bool = False  # the engine has decided the answer (set under the lock; the future follows)
     seq: int = field(default_factory=lambda: next(_submission_seq))  # FIFO order, ties included
+    # progress: called in the engine thread after each step of each row, with a `Progress`; keep it cheap
+    progress: Callable[[Progress], None] | None = None
+    preview: bool = False  # Progress carries a CPU copy of the row's latent
+    position: int = 0  # images ahead of this submission in the queue when it was submitted
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary (e.g. the client went away)."""
         self.cancelled = True
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One denoising step of one image: step `i` of the `n` its row runs (an img2img row runs fewer)."""
+
+    index: int  # which image of the submission
+    i: int
+    n: int
+    eta_s: float  # seconds until this image is done, at the recent step time
+    latents: torch.Tensor | None = None  # (1, C, h, w) on the CPU, when the submission asked for previews
 
 
 Slot = tuple[Submission, int]  # one image of a submission: (submission, index in its requests)
@@ -197,7 +212,8 @@ class Engine:
 
     # -- submitting --------------------------------------------------------------------------
 
-    def submit(self, requests: list[GenerationRequest | dict], timeout_s: float | None = None) -> Submission:
+    def submit(self, requests: list[GenerationRequest | dict], timeout_s: float | None = None,
+               progress: Callable[[Progress], None] | None = None, preview: bool = False) -> Submission:
         """Queue `requests` (one size) as one submission; fails fast when the queue is full."""
         if not requests:
             raise InvalidRequestError("requests", "must hold at least one request")
@@ -224,6 +240,7 @@ class Engine:
                     f"queue: {waiting} images wait (SPO_MAX_QUEUE={self.config.max_queue}); retry later",
                     retry_after=self.retry_after(),
                 )
+            sub.progress, sub.preview, sub.position = progress, preview, waiting
             self._waiting.extend((sub, i) for i in range(len(parsed)))
             self.metrics.queue_depth.set(len(self._waiting) - self._admitting)
             self._cv.notify_all()
@@ -547,6 +564,7 @@ class Engine:
         """Apply a step: drop leaving submissions, move admitted rows from the queue into the group,
         remove finished and failed rows, count; then answer the futures (outside the lock)."""
         answers: list[tuple[concurrent.futures.Future, Any, BaseException | None]] = []
+        notes: list[tuple[Callable[[Progress], None], Progress]] = []
         with self._cv:
             dropped = {sub for sub, _ in plan.drop}
             for sub, err in plan.drop:
@@ -598,13 +616,33 @@ class Engine:
                 dt = result.step_seconds
                 self.steps += 1
                 self._step_ewma = dt if self._step_ewma is None else 0.8 * self._step_ewma + 0.2 * dt
+                notes = self._progress(plan, result, dropped)
                 self.metrics.step_seconds.observe(dt)
                 self.metrics.batch_size.observe(result.batch_size)
                 self._memory_metrics()
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.running.set(sum(len(g) for g in self._running.values()))
+        for callback, note in notes:  # before the answers: a listener sees a row's last step before its image
+            try:
+                callback(note)
+            except Exception:
+                log.exception("progress callback failed")
         for fut, value, err in answers:
             _answer(fut, value, err)
+
+    def _progress(self, plan: StepPlan, result: StepResult, dropped: set) -> list:
+        """(callback, Progress) for every row that stepped and whose submission listens (lock held)."""
+        failed = {id(s) for s, _ in result.failed}
+        notes = []
+        for s in plan.running + result.admitted:
+            sub, index = s.tag
+            if sub.progress is None or id(s) in failed or sub in dropped:
+                continue
+            n = s.row.schedule.num_steps - s.row.start
+            i = s.row.step - s.row.start
+            lat = s.latents.detach().to("cpu", torch.float32) if sub.preview else None
+            notes.append((sub.progress, Progress(index, i, n, max(0.0, (n - i) * (self._step_ewma or 0.0)), lat)))
+        return notes
 
     def _set_group(self, size: Size, rows: tuple[RequestState, ...]) -> None:
         if rows:

@@ -276,6 +276,7 @@ class SpoPipeline:
     def __init__(self, parts: dict, settings: Settings, preset: Preset, device: torch.device, dtype: torch.dtype):
         self.settings = settings
         self.preset = preset
+        self._preview_map: torch.Tensor | None = None
         self.device = device
         self.dtype = dtype
         self.unet = _place(parts["unet"], device, dtype)
@@ -412,7 +413,7 @@ class SpoPipeline:
             z = (z - mean) * cfg.scaling_factor / std
         else:
             z = cfg.scaling_factor * z
-        row.step = img2img_start(row.schedule.num_steps, req.img2img_strength)
+        row.step = row.start = img2img_start(row.schedule.num_steps, req.img2img_strength)
         noise = initial_noise(row.generator, tuple(z.shape[1:]), self.dtype, self.device)
         return add_noise(row.schedule, row.step, z, noise)
 
@@ -570,6 +571,34 @@ class SpoPipeline:
                 )
             )
         return out
+
+    # -- previews ----------------------------------------------------------------------------
+
+    def preview(self, latents: torch.Tensor) -> Image.Image:
+        """A small RGB picture of a (1, C, h, w) latent, one pixel per latent pixel, through a fixed linear
+        latent-to-RGB map: no VAE call per step. The map is fitted once per loaded model (least squares
+        between the VAE's latents of a synthetic colour chart and the chart itself, 8x8-averaged)."""
+        if self._preview_map is None:
+            self._preview_map = self._fit_preview_map()
+        z = latents.detach().to("cpu", torch.float32)[0]
+        c, h, w = z.shape
+        rgb = self._preview_map @ torch.cat([z.reshape(c, -1), torch.ones(1, h * w)])
+        arr = ((rgb.reshape(3, h, w).permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        return Image.fromarray(arr)
+
+    @torch.inference_mode()
+    def _fit_preview_map(self) -> torch.Tensor:
+        size = 128
+        y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+        hue = x * 6.0
+        chart = torch.stack([(1 - (hue - k).remainder(6).sub(3).abs().sub(1).clamp(0, 1)) for k in (0, 2, 4)])  # hue bars
+        chart = chart * (1 - y) + y * x  # fading to a grey ramp downwards
+        img = (chart * 2 - 1)[None].to(device=self.device, dtype=self.vae.dtype)
+        z = self.vae.encode(img).latent_dist.mean.float().cpu()[0] * self.vae.config.scaling_factor
+        c, h, w = z.shape
+        target = torch.nn.functional.adaptive_avg_pool2d((chart * 2 - 1)[None], (h, w))[0].reshape(3, -1)
+        a = torch.cat([z.reshape(c, -1), torch.ones(1, h * w)])  # (C + 1, N)
+        return torch.linalg.lstsq(a.T, target.T).solution.T  # (3, C + 1)
 
     # -- the whole loop ----------------------------------------------------------------------
 

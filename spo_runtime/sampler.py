@@ -231,6 +231,7 @@ class RowState:
     eta: float = 0.0
     step: int = 0
     x0_prev: torch.Tensor | None = field(default=None, repr=False)  # dpm++ 2M history, (1, C, h, w)
+    start: int = 0  # the step it started at (img2img rows skip the schedule's first steps)
 
     @property
     def done(self) -> bool:

@@ -75,7 +75,8 @@ class Settings(BaseModel):
             raise ValueError(f"must be an integer in 1..64 or auto, got {v!r}")
         return n
 
-
+    max_image_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024,
+                                 description="body limit of generation requests that carry an init_image")
     log_prompts: bool = False
     faults: str | None = Field(None, description="test-only fault injection (spo_runtime.faults)")
 
