@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     j = sub.add_parser("train-job", help=argparse.SUPPRESS)  # the server's trainer process
     j.add_argument("job_dir")
     j.add_argument("--adapter-dir", required=True)
+    j.add_argument("--parent-pid", type=int, default=None, help="die with this process (the supervisor)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-job":
             from .jobs import run_job
 
-            return run_job(args.job_dir, args.adapter_dir)
+            return run_job(args.job_dir, args.adapter_dir, parent_pid=args.parent_pid)
         if args.command == "train":
             return _train(args)
         from .models import load_pipeline

@@ -10,7 +10,7 @@
   and device from its caller; it reads no environment of its own.
 - The trainer dies with the server: first thing, it asks the kernel for SIGKILL when its parent
   dies (PR_SET_PDEATHSIG), then checks that its parent is still the supervisor's process
-  (SPO_PARENT_PID) and exits if not, as the server may have died before the request.
+  (`--parent-pid`) and exits if not, as the server may have died before the request.
 - The trainer holds `<dir>/.lock` for its life, so two trainers never write one job. It checks for
   `<dir>/cancel` and for SIGTERM at round boundaries and checkpoints before it stops.
 """
@@ -40,8 +40,7 @@ log = logging.getLogger("spo_runtime.jobs")
 
 STATES = ("queued", "running", "completed", "failed", "canceled", "interrupted")
 FINAL = ("completed", "failed", "canceled")
-TRAINER_COMMAND = (sys.executable, "-m", "spo_runtime", "train-job")  # + <dir> --adapter-dir <dir>
-PARENT_PID_VAR = "SPO_PARENT_PID"  # the supervisor's pid, in the trainer's environment
+TRAINER_COMMAND = (sys.executable, "-m", "spo_runtime", "train-job")  # + <dir> --adapter-dir <dir> --parent-pid <pid>
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -232,12 +231,12 @@ class Supervisor:
         env = dict(self.env)
         if self.train_device:
             env["SPO_DEVICE"] = self.train_device
-        env[PARENT_PID_VAR] = str(os.getpid())  # the trainer checks it after asking for its death signal
         self.store.update(job_id, state="running", started_at=time.time(), error=None)
         try:
             with open(d / "trainer.log", "ab") as log_fh:  # the child has its own copy of the descriptor
                 proc = subprocess.Popen(
-                    [*self.command, str(d), "--adapter-dir", str(self.store.adapter_dir)],
+                    # --parent-pid: the trainer checks it after asking for its death signal
+                    [*self.command, str(d), "--adapter-dir", str(self.store.adapter_dir), "--parent-pid", str(os.getpid())],
                     env=env, stdout=log_fh, stderr=subprocess.STDOUT,
                     start_new_session=True,  # signals to the server's process group reach it only through stop()
                 )
@@ -298,10 +297,8 @@ def die_with_parent(parent_pid: int) -> bool:
 def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None = None) -> int:
     """Body of `python -m spo_runtime train-job DIR`: train, checkpoint, export, record the outcome.
 
-    `parent_pid`: the supervisor's pid (default: SPO_PARENT_PID, which the supervisor sets); the
-    trainer dies with that process. Started by hand, without either, it does not."""
-    if parent_pid is None and os.environ.get(PARENT_PID_VAR):  # the one variable the supervisor passes
-        parent_pid = int(os.environ[PARENT_PID_VAR])
+    `parent_pid`: the supervisor's pid (`--parent-pid`, which the supervisor passes); the trainer dies
+    with that process. Started by hand without it, it does not."""
     if parent_pid is not None and not die_with_parent(parent_pid):
         print(f"the supervisor (pid {parent_pid}) is gone: not training", file=sys.stderr)
         return 4

@@ -24,7 +24,7 @@ log = logging.getLogger("spo_runtime.settings")
 ENV_NAMES = {"embed_cache_size": "SPO_EMBED_CACHE"}
 # SPO_* variables read by something other than this object (tools, benchmarks, later features): no warning
 SECRETS = {"admin_token", "api_token"}
-OTHER_VARIABLES = {"SPO_BENCH_MAX_BATCH", "SPO_BENCH_MAX_LATENCY_MS", "SPO_PARENT_PID"}
+OTHER_VARIABLES = {"SPO_BENCH_MAX_BATCH", "SPO_BENCH_MAX_LATENCY_MS"}
 
 
 class Settings(BaseModel):
@@ -78,6 +78,12 @@ class Settings(BaseModel):
     max_image_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024,
                                  description="body limit of generation requests that carry an init_image")
     log_prompts: bool = False
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s?#]+$",
+                                   description="absolute base URL of OpenAI `url` image results; unset: the request's own")
+    image_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False,
+                               description="how long an OpenAI `url` image result can be downloaded")
+    image_cache_mb: float = Field(512.0, gt=0, allow_inf_nan=False,
+                                  description="disk cap of OpenAI `url` image results (oldest removed first)")
     faults: str | None = Field(None, description="test-only fault injection (spo_runtime.faults)")
 
     # -- training ----------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def _supervise(store, command, env=None, **kw):
 def test_a_trainer_that_exits_non_zero_fails_the_job_with_the_reason(store, monkeypatch):
     monkeypatch.setenv("SPO_TRAIN_DEVICE", "cuda:9")  # the supervisor reads no environment of its own
     probe = ("import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'device': os.environ.get('SPO_DEVICE'), "
-             "'train_device': os.environ.get('SPO_TRAIN_DEVICE'), 'parent': os.environ.get('SPO_PARENT_PID'), "
+             "'train_device': os.environ.get('SPO_TRAIN_DEVICE'), "
              "'given': os.environ.get('GIVEN')}), flush=True); sys.exit(3)")
     rec = store.create(["a"], {}, None, None)
     sup = _supervise(store, [sys.executable, "-c", probe], env={"PATH": os.environ["PATH"], "GIVEN": "yes"}, train_device="cpu")
@@ -123,8 +123,8 @@ def test_a_trainer_that_exits_non_zero_fails_the_job_with_the_reason(store, monk
     assert [h["state"] for h in done["history"]] == ["queued", "running", "failed"]
     d = store.dir(rec["job_id"])
     seen = json.loads((d / "trainer.log").read_text())
-    assert seen == {"argv": [str(d), "--adapter-dir", str(store.adapter_dir)], "device": "cpu", "train_device": None,
-                    "parent": str(os.getpid()), "given": "yes"}
+    assert seen == {"argv": [str(d), "--adapter-dir", str(store.adapter_dir), "--parent-pid", str(os.getpid())],
+                    "device": "cpu", "train_device": None, "given": "yes"}
     # the parent closed its copy of the log's descriptor after starting the trainer
     assert str(d / "trainer.log") not in _open_files()
     assert sup.counts()["failed"] == 1

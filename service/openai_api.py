@@ -1,0 +1,400 @@
+"""The OpenAI Images API over the one request model: what the `openai` SDK sends, answered by the served model.
+
+    POST /v1/images/generations   JSON: prompt, model (any string), n 1..8, size "WxH" | "auto",
+                                  response_format b64_json | url, output_format png | jpeg | webp,
+                                  output_compression, quality/style/user/moderation (ignored); ours, for
+                                  the SDK's extra_body: seed, num_inference_steps
+    POST /v1/images/edits         multipart (as the SDK sends it): image (one), prompt, n, size, ... ->
+                                  img2img at `strength` (ours, default 0.75); a mask is refused
+    GET  /v1/images/files/{id}    a `url` result, for SPO_IMAGE_TTL_S (then 404), under SPO_IMAGE_CACHE_MB
+    GET  /v1/models               the served model's id
+
+Every request becomes `GenerationRequest`s (n of them, seeds seed..seed+n-1 as /generate_batch) run by the
+engine; nothing here samples. Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}},
+the framework's included (a hook of the door middleware). With SPO_API_TOKEN set it is the API key
+(`Authorization: Bearer`; the admin token works too).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import errors
+from spo_runtime.errors import InvalidRequestError
+from spo_runtime.requests import DEFAULT_STRENGTH, MAX_SEED
+
+log = logging.getLogger("spo_serve")
+MAX_N = 8
+FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+FILE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+# -- shared by the compatibility routes (OpenAI, A1111) ----------------------------------------
+
+
+def service():
+    from service import admin
+
+    return admin.bound()
+
+
+def credentials_ok(headers, svc, basic: bool = False) -> bool:
+    """SPO_API_TOKEN's rule of the generation routes: unset lets everyone in; set, `Bearer <token>` (api or
+    admin token), or with `basic` HTTP Basic with the token as the password (any user name)."""
+    if not svc.api_token:
+        return True
+    header = headers.get("authorization", "")
+    tokens = [t for t in (svc.api_token, svc.admin_token) if t]
+    if any(hmac.compare_digest(header.encode(), b"Bearer " + t.encode()) for t in tokens):
+        return True
+    if basic and header[:6].lower() == "basic ":
+        try:
+            user_pass = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return False
+        password = user_pass.partition(":")[2]
+        return any(hmac.compare_digest(password.encode(), t.encode()) for t in tokens)
+    return False
+
+
+def not_ready(svc) -> Exception | None:
+    """The reason the server cannot take a generation request now (as a typed error), or None."""
+    from spo_runtime.engine import EngineUnavailableError
+
+    if svc is None:
+        return EngineUnavailableError("the server is starting", retry_after=5)
+    if not svc.__is_ready__() or svc.engine is None or not svc.engine.alive:
+        body = json.loads(svc.unready().body)
+        return EngineUnavailableError(body["error"], retry_after=5)
+    return None
+
+
+async def run(svc, request: Request, requests: list[dict], seed: int | None):
+    """n requests of one prompt through the engine, seeds seed..seed+n-1 (drawn when None), like /generate_batch."""
+    n = len(requests)
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED - n + 2)
+    elif not 0 <= seed <= MAX_SEED - n + 1:
+        raise InvalidRequestError("seed", f"with n={n} must be in 0..{MAX_SEED - n + 1}, got {seed}")
+    svc.inflight += 1
+    try:
+        return await svc.engine.generate([{**r, "seed": seed + i} for i, r in enumerate(requests)],
+                                         is_disconnected=request.is_disconnected)
+    finally:
+        svc.inflight -= 1
+
+
+def size_range(svc) -> tuple[int, int, int]:
+    """(lo, hi, default) of the served preset."""
+    p = svc.pipe.preset
+    return p.size_range[0], p.size_range[1], p.default_size
+
+
+# -- OpenAI's error shape ----------------------------------------------------------------------
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 409: "invalid_request_error", 415: "invalid_request_error",
+          429: "rate_limit_error", 499: "invalid_request_error"}
+_CODES = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded", 504: "timeout", 503: "unavailable"}
+
+
+def oa_error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code or _CODES.get(status)}},
+                        status_code=status, headers=headers)
+
+
+def _openai_shape(status: int, raw: bytes) -> bytes:
+    """Any error answer of a /v1/ path in OpenAI's shape (the door middleware's hook)."""
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
+        return raw
+    body = errors.ours(status, raw)
+    loc = body["detail"][0]["loc"] if body["detail"] else []
+    return oa_error(status, body["error"], str(loc[0]) if loc else None).body
+
+
+errors.ERROR_SHAPES["/v1/"] = _openai_shape
+
+
+def from_exception(e: BaseException) -> JSONResponse:
+    """spo_runtime's typed errors (mapped once, in service.errors) in OpenAI's shape, headers kept."""
+    ours = errors.map_error(e)
+    body = json.loads(ours.body)
+    loc = body["detail"][0]["loc"] if body["detail"] else []
+    retry = {k: v for k, v in ours.headers.items() if k.lower() == "retry-after"}
+    return oa_error(ours.status_code, body["error"], str(loc[0]) if loc else None, headers=retry)
+
+
+def unauthorized() -> JSONResponse:
+    return oa_error(401, "Incorrect API key provided: send SPO_API_TOKEN as the API key "
+                         "(Authorization: Bearer <key>)", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+# What the SDK may send that changes nothing here: accepted at any value.
+_IGNORED = {"model", "quality", "style", "user", "moderation", "safety_identifier", "input_fidelity"}
+# Accepted only at a value that changes nothing (None, or these).
+_NEUTRAL = {"background": (None, "auto", "opaque"), "stream": (None, False), "partial_images": (None, 0),
+            "complexity": (None,), "frame_count": (None, 1), "frame_duration_ms": (None,), "svg": (None,),
+            "markup": (None,)}
+_OWN = {"prompt", "n", "size", "response_format", "output_format", "output_compression", "seed", "image", "image[]",
+        "mask", "strength", "num_inference_steps"}
+
+
+def _int(name: str, v, lo: int, hi: int, form: bool) -> int:
+    if form and isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
+        v = int(v.strip())
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise InvalidRequestError(name, f"must be an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def parse(body: dict, svc, form: bool = False) -> dict:
+    """The OpenAI body -> {"request": the common request fields, "n", "seed", "response_format", "format",
+    "quality"}; InvalidRequestError naming the parameter otherwise."""
+    for key, value in body.items():
+        if key in _IGNORED or key in _OWN:
+            continue
+        if key in _NEUTRAL:
+            allowed = _NEUTRAL[key]
+            if value in allowed or (form and str(value).lower() in {str(a).lower() for a in allowed if a is not None}):
+                continue
+            raise InvalidRequestError(key, f"{value!r} is not supported by this server "
+                                           f"(accepted: {', '.join(repr(a) for a in allowed)})")
+        raise InvalidRequestError(key, "Unrecognized request argument supplied")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequestError("prompt", "a non-empty string is required")
+    n = 1 if body.get("n") in (None, "") else _int("n", body["n"], 1, MAX_N, form)
+    lo, hi, default = size_range(svc)
+    size = body.get("size")
+    request: dict = {"prompt": prompt}
+    if size not in (None, "", "auto"):
+        m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size) if isinstance(size, str) else None
+        w, h = (int(m[1]), int(m[2])) if m else (0, 0)
+        if not m or not all(lo <= v <= hi and v % 8 == 0 for v in (w, h)):
+            raise InvalidRequestError("size", f"must be 'WxH' with W and H multiples of 8 in {lo}..{hi} "
+                                              f"(or 'auto': {default}x{default}), got {size!r}")
+        request.update(width=w, height=h)
+    fmt = body.get("response_format") or "b64_json"
+    if fmt not in ("b64_json", "url"):
+        raise InvalidRequestError("response_format", f"must be 'b64_json' or 'url', got {fmt!r}")
+    out = body.get("output_format") or "png"
+    if out not in FORMATS:
+        raise InvalidRequestError("output_format", f"must be one of png, jpeg, webp, got {out!r}")
+    quality = 100 if body.get("output_compression") in (None, "") else \
+        _int("output_compression", body["output_compression"], 0, 100, form)
+    seed = None if body.get("seed") in (None, "") else _int("seed", body["seed"], 0, MAX_SEED, form)
+    if body.get("num_inference_steps") not in (None, ""):  # ours, like seed and strength (the SDK's extra_body)
+        request["num_inference_steps"] = _int("num_inference_steps", body["num_inference_steps"], 1, 100, form)
+    return {"request": request, "n": n, "seed": seed, "response_format": fmt, "format": out,
+            "quality": max(1, quality)}
+
+
+# -- url results -----------------------------------------------------------------------------------
+
+
+def _files(svc) -> Path:
+    return Path(svc.settings.data_dir) / "openai_images"
+
+
+def _sweep(root: Path, ttl: float, cap_bytes: float) -> None:
+    """Remove expired files, then the oldest until the directory is under the cap."""
+    now = time.time()
+    entries = []
+    for p in root.glob("*"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if now - st.st_mtime > ttl or p.name.startswith("."):
+            if now - st.st_mtime > ttl:
+                p.unlink(missing_ok=True)
+            continue
+        entries.append((st.st_mtime, st.st_size, p))
+    total = sum(e[1] for e in entries)
+    for _, size, p in sorted(entries, key=lambda e: e[0]):
+        if total <= cap_bytes:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
+
+
+def store(svc, data: bytes) -> str:
+    """Write one result under an unguessable 128-bit id (atomically); returns the id."""
+    root = _files(svc)
+    root.mkdir(parents=True, exist_ok=True)
+    cap = svc.settings.image_cache_mb * 1024 * 1024
+    _sweep(root, svc.settings.image_ttl_s, max(0.0, cap - len(data)))
+    file_id = secrets.token_hex(16)
+    tmp = root / f".{file_id}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, root / file_id)
+    return file_id
+
+
+def public_base(svc, request: Request) -> str:
+    if svc.settings.public_url:
+        return svc.settings.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+async def image_file(request: Request) -> Response:
+    svc = service()
+    file_id = request.path_params["file_id"]
+    if svc is None or not FILE_ID.match(file_id):
+        return oa_error(404, "No such image (the id is unknown or expired)", "id")
+    path = _files(svc) / file_id
+
+    def read() -> bytes | None:
+        try:
+            if time.time() - path.stat().st_mtime > svc.settings.image_ttl_s:
+                path.unlink(missing_ok=True)
+                return None
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    data = await anyio.to_thread.run_sync(read)
+    if data is None:
+        return oa_error(404, "No such image (the id is unknown or expired)", "id")
+    media = ("image/png" if data[:4] == b"\x89PNG" else "image/jpeg" if data[:2] == b"\xff\xd8" else "image/webp")
+    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=60"})
+
+
+# -- the routes --------------------------------------------------------------------------------------
+
+
+async def _answer(svc, request: Request, opts: dict, requests: list[dict]) -> Response:
+    from spo_runtime.__main__ import encode_image
+
+    results = await run(svc, request, requests, opts["seed"])
+    encoded = await anyio.to_thread.run_sync(lambda: [encode_image(r, opts["format"], opts["quality"]) for r in results])
+    data = []
+    for r, blob in zip(results, encoded):
+        if opts["response_format"] == "url":
+            file_id = await anyio.to_thread.run_sync(store, svc, blob)
+            data.append({"url": f"{public_base(svc, request)}/v1/images/files/{file_id}", "revised_prompt": None})
+        else:
+            data.append({"b64_json": base64.b64encode(blob).decode(), "revised_prompt": None})
+    size = f"{results[0].image.width}x{results[0].image.height}"
+    return JSONResponse({"created": int(time.time()), "data": data, "output_format": opts["format"], "size": size,
+                         "background": "opaque"},
+                        headers={"X-Seed": str(results[0].seed), "X-Adapter": results[0].adapter or ""})
+
+
+def _guarded(handler):
+    async def wrapped(request: Request) -> Response:
+        svc = service()
+        if svc is not None and not credentials_ok(request.headers, svc):
+            return unauthorized()
+        try:
+            reason = not_ready(svc)
+            if reason is not None:
+                raise reason
+            return await handler(svc, request)
+        except Exception as e:
+            return from_exception(e)
+
+    return wrapped
+
+
+@_guarded
+async def generations(svc, request: Request) -> Response:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except ValueError as e:
+        raise InvalidRequestError("body", f"must be JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", "must be a JSON object")
+    opts = parse(body, svc)
+    return await _answer(svc, request, opts, [opts["request"]] * opts["n"])
+
+
+@_guarded
+async def edits(svc, request: Request) -> Response:
+    from PIL import Image
+
+    from spo_runtime.requests import decode_image
+
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "multipart/form-data":
+        raise InvalidRequestError("body", f"must be multipart/form-data (as the OpenAI SDK sends it), got {media!r}")
+    form = await request.form(max_files=4, max_fields=64)
+    try:
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        files = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
+        if any(k == "mask" for k, _ in files) or fields.get("mask"):
+            raise InvalidRequestError("mask", "masks are not supported (no inpainting): send the image alone; the whole "
+                                              f"image is edited (img2img at strength {DEFAULT_STRENGTH})")
+        images = [f for k, f in files if k in ("image", "image[]")]
+        if len(images) != 1 or any(k not in ("image", "image[]") for k, _ in files):
+            raise InvalidRequestError("image", f"exactly one image file is supported, got {len(images)}"
+                                      + (f" (and {', '.join(k for k, _ in files if k not in ('image', 'image[]'))})"
+                                         if len(files) != len(images) else ""))
+        data = await images[0].read()
+    finally:
+        await form.close()
+    opts = parse(fields, svc, form=True)
+    strength = fields.get("strength")
+    try:
+        strength = DEFAULT_STRENGTH if strength in (None, "") else float(strength)
+    except ValueError:
+        raise InvalidRequestError("strength", f"must be a number in (0, 1], got {strength!r}") from None
+
+    def decode():
+        try:
+            return decode_image(base64.b64encode(data).decode())
+        except ValueError as e:
+            raise InvalidRequestError("image", str(e).replace("base64 of ", "")) from None
+
+    init: Image.Image = await anyio.to_thread.run_sync(decode)
+    request_fields = {**opts["request"], "init_image": init, "strength": strength}
+    try:
+        return await _answer(svc, request, opts, [request_fields] * opts["n"])
+    except InvalidRequestError as e:
+        if e.field == "init_image":
+            raise InvalidRequestError("image", e.message) from None
+        raise
+
+
+async def models(request: Request) -> Response:
+    svc = service()
+    if svc is not None and not credentials_ok(request.headers, svc):
+        return unauthorized()
+    return JSONResponse({"object": "list", "data": [_model(svc)]})
+
+
+def _model(svc) -> dict:
+    if svc is None:
+        return {"id": "spo", "object": "model", "created": 0, "owned_by": "spo-serve"}
+    name = svc.pipe.preset.name if svc.pipe is not None else svc.settings.model
+    return {"id": name, "object": "model", "created": int(svc.started) if svc else 0, "owned_by": "spo-serve"}
+
+
+ROUTES = [
+    Route("/v1/images/generations", generations, methods=["POST"]),
+    Route("/v1/images/edits", edits, methods=["POST"]),
+    Route("/v1/images/files/{file_id}", image_file, methods=["GET"]),
+    Route("/v1/models", models, methods=["GET"]),
+]
