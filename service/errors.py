@@ -19,6 +19,15 @@ log = logging.getLogger("spo_serve")
 GENERATION_BODY_LIMIT = 64 * 1024
 DEFAULT_BODY_LIMIT = 8 * 1024 * 1024  # training submissions carry prompt lists
 
+# Path prefix -> (status, raw error body) -> body. Routes that speak another API (the OpenAI and A1111
+# compatibility routes) register their error shape here; every other path keeps the one error shape.
+ERROR_SHAPES: dict[str, Callable[[int, bytes], bytes]] = {}
+
+
+def ours(status: int, raw: bytes) -> dict:
+    """Any error body (ours, the framework's) as the one error shape, parsed."""
+    return json.loads(_reshape(status, raw))
+
 
 def error_body(status: int, message: str, field: str | None = None, errors: list[tuple[str, str]] | None = None,
                kind: str = "value_error") -> dict:
@@ -112,12 +121,12 @@ class Contract:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        send = _shape_errors(send)
+        path = scope.get("path", "")
+        send = _shape_errors(send, next((fn for prefix, fn in ERROR_SHAPES.items() if path.startswith(prefix)), None))
         if self.docs is not None and scope.get("method") == "GET" and scope.get("path") == "/docs.json":
             send = _rewrite_json(send, self.docs)
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
         limit = self.limits.get(path, self.default_limit)
         plain_limit = limit  # a generation body without an image keeps the small limit
         if path in self.models and self.image_limit:
@@ -194,8 +203,9 @@ class _TooLarge(Exception):
         self.size = size
 
 
-def _shape_errors(send):
-    """Wrap `send`: buffer an error answer's body and rewrite it into the one shape unless it has it."""
+def _shape_errors(send, reshape: Callable[[int, bytes], bytes] | None = None):
+    """Wrap `send`: buffer an error answer's body and rewrite it into the one shape unless it has it
+    (or into the path's registered shape, `reshape`)."""
     state: dict[str, Any] = {}
 
     async def wrapped(message):
@@ -212,7 +222,7 @@ def _shape_errors(send):
             return None
         start, raw = state.pop("start"), state["body"]
         status = start["status"]
-        body = _reshape(status, raw)
+        body = (reshape or _reshape)(status, raw)
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         state["pass"] = True
