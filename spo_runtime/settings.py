@@ -84,12 +84,6 @@ class Settings(BaseModel):
                                description="how long an OpenAI `url` image result can be downloaded")
     image_cache_mb: float = Field(512.0, gt=0, allow_inf_nan=False,
                                   description="disk cap of OpenAI `url` image results (oldest removed first)")
-    public_url: str | None = Field(None, pattern=r"^https?://[^\s?#]+$",
-                                   description="absolute base URL of OpenAI `url` image results; unset: the request's own")
-    image_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False,
-                               description="how long an OpenAI `url` image result can be downloaded")
-    image_cache_mb: float = Field(512.0, gt=0, allow_inf_nan=False,
-                                  description="disk cap of OpenAI `url` image results (oldest removed first)")
     faults: str | None = Field(None, description="test-only fault injection (spo_runtime.faults)")
 
     # -- training ----------------------------------------------------------------------------
