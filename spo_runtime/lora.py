@@ -11,6 +11,10 @@ One adapter may be fused into the base weights at a scale s_f: rows at s_f then 
 compute, and other rows run only the residual s_i - s_f. Fusing always starts from a pristine copy
 of the base weight, so re-fusing at another scale accumulates no rounding.
 
+Text-encoder layers of an adapter (`text_encoder.<path>`, `text_encoder_2.<path>`) are wrapped the same
+way but read their scales from a second context, `te_ctx`, set by `with registry.text_scales(rows):`
+(one row per prompt being encoded); they are never fused, so a row's scale is applied as it is.
+
 We wrap layers ourselves instead of using peft: peft's layers take one scale per adapter for the
 whole batch and skip the LoRA branch entirely once merged, so they cannot express per-row scales
 over several adapters on top of a fused base.
@@ -31,7 +35,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .errors import AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, LoraFormatError
-from .lora_format import LoraFile, LoraModuleWeights, module_specs, read_lora_file
+from .lora_format import LoraFile, LoraModuleWeights, is_text_encoder_module, module_specs_of, read_lora_file
 
 
 class LoraContext:
@@ -104,13 +108,29 @@ class Adapter:
     sha256: str
     source: str  # file path, or a description for built-in adapters
 
+    @property
+    def text_encoder_modules(self) -> list[str]:
+        return [m for m in self.modules if is_text_encoder_module(m)]
+
+    @property
+    def unet_modules(self) -> list[str]:
+        return [m for m in self.modules if not is_text_encoder_module(m)]
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return any(is_text_encoder_module(m) for m in self.modules)
+
     def info(self, show_source: bool = True) -> dict:
+        te = self.text_encoder_modules
         return {
             "name": self.name,
             "layout": self.layout,
+            "text_encoder": bool(te),
             "rank": self.rank,
             "targets": self.targets,
             "layers": len(self.modules),
+            "unet_layers": len(self.modules) - len(te),
+            "text_encoder_layers": len(te),
             "memory_bytes": self.nbytes,
             "sha256": self.sha256,
             **({"source": self.source} if show_source else {}),
@@ -127,8 +147,11 @@ class LoraRegistry:
         dtype: torch.dtype,
         memory_limit_bytes: int | None = None,
         pristine_device: torch.device | str = "cpu",
+        text_encoders: dict[str, nn.Module] | None = None,
     ):
         self.unet = unet
+        self.text_encoders = dict(text_encoders or {})  # {"text_encoder": ..., "text_encoder_2": ...}
+        self.te_ctx = LoraContext()
         self.device = torch.device(device)
         self.dtype = dtype
         self.memory_limit_bytes = memory_limit_bytes
@@ -142,10 +165,10 @@ class LoraRegistry:
     # -- loading -----------------------------------------------------------------------------
 
     def specs(self):
-        return module_specs(self.unet)
+        return module_specs_of(self.unet, self.text_encoders)
 
     def read(self, path: str | Path) -> LoraFile:
-        return read_lora_file(path, self.specs())
+        return read_lora_file(path, self.specs(), unet_config=self.unet.config)
 
     def load(self, name: str, lora: LoraFile, source: str | None = None, replace: bool = False) -> Adapter:
         """Load `lora` as adapter `name`; refused if the name is taken (unless replace) or over the cap."""
@@ -228,11 +251,15 @@ class LoraRegistry:
     def _wrap(self, module: str) -> _LoraLayer:
         if module in self._layers:
             return self._layers[module]
-        parent_name, _, child = module.rpartition(".")
-        parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+        root, ctx, path = self.unet, self.ctx, module
+        if is_text_encoder_module(module):
+            prefix, _, path = module.partition(".")
+            root, ctx = self.text_encoders[prefix], self.te_ctx
+        parent_name, _, child = path.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
         base = getattr(parent, child)
         cls = LoraConv2d if isinstance(base, nn.Conv2d) else LoraLinear
-        layer = cls(base, self.ctx)
+        layer = cls(base, ctx)
         setattr(parent, child, layer)
         self._layers[module] = layer
         return layer
@@ -246,7 +273,7 @@ class LoraRegistry:
             adapter = self.get(name)
             self.unfuse()
             if scale != 0.0:
-                for module in adapter.modules:
+                for module in adapter.unet_modules:  # text-encoder layers are never fused
                     layer = self._layers[module]
                     w = layer.base_layer.weight
                     layer.pristine = w.detach().to(self.pristine_device, copy=True)
@@ -281,6 +308,23 @@ class LoraRegistry:
             yield terms
         finally:
             self.ctx.terms = prev
+
+    @contextlib.contextmanager
+    def text_scales(self, rows: list[dict[str, float]]) -> Iterator[dict[str, torch.Tensor]]:
+        """`with registry.text_scales(rows):` the text-encoder calls inside run each adapter's text-encoder
+        layers at these scales, one {adapter: scale} dict per encoded prompt (no fused residual)."""
+        for row in rows:
+            for name in row:
+                if name not in self.adapters:
+                    raise AdapterNotFoundError(name, list(self.adapters))
+        names = sorted({n for row in rows for n, v in row.items() if v != 0.0 and self.adapters[n].has_text_encoder})
+        terms = {n: torch.tensor([row.get(n, 0.0) for row in rows], dtype=self.dtype, device=self.device) for n in names}
+        prev = self.te_ctx.terms
+        self.te_ctx.terms = terms
+        try:
+            yield terms
+        finally:
+            self.te_ctx.terms = prev
 
     def _terms(self, rows: list[dict[str, float]]) -> dict[str, torch.Tensor]:
         for row in rows:

@@ -1,4 +1,17 @@
-"""Read, validate and write SDXL UNet LoRA files (diffusers and webui/kohya layouts, safetensors only)."""
+"""Read, validate and write SDXL LoRA files (safetensors only): UNet and text-encoder parts.
+
+Reading goes through diffusers' public converter, `StableDiffusionXLPipeline.lora_state_dict` (kohya/webui
+names with diffusers-style or SGM block names, `.alpha` keys, text-encoder parts), then diffusers' own
+renaming to PEFT names (`convert_unet_state_dict_to_peft`, `convert_state_dict_to_diffusers/_to_peft`), the
+same steps `load_lora_weights` takes. We keep no key map of our own: we follow every tensor through the
+converter by identity, so each error still names the key of the file, and a key the converter drops or
+overwrites is an error, never a silent omission. Then the strict whole-file checks: every key names a
+layer, every down has its up, every shape fits. Layouts our runtime cannot express (LoHa, LoKr, DoRA
+magnitudes, full-weight diffs) are refused by name before conversion.
+
+Module names: UNet layers by their path in the UNet (`down_blocks.1...to_q`); text-encoder layers as
+`text_encoder.<path>` / `text_encoder_2.<path>`.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +30,26 @@ import torch
 from spo_runtime.errors import LoraFormatError
 from spo_runtime.fsutil import atomic_write
 
-Layout = Literal["diffusers", "webui"]
+Layout = Literal["diffusers", "webui"]  # layouts we write
+# layouts we read: diffusers (diffusers or PEFT names), webui (kohya, diffusers-style block names),
+# webui-sgm (kohya with SGM/LDM block names: input_blocks / middle_block / output_blocks)
+SourceLayout = Literal["diffusers", "webui", "webui-sgm"]
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# formats whose update is not up @ down: (marker in a key, name of the format)
+UNSUPPORTED = (
+    ("hada_w1_", "LoHa (LyCORIS Hadamard product)"), ("hada_w2_", "LoHa (LyCORIS Hadamard product)"),
+    ("hada_t1", "LoHa (LyCORIS Hadamard product)"), ("hada_t2", "LoHa (LyCORIS Hadamard product)"),
+    ("lokr_w1", "LoKr (LyCORIS Kronecker product)"), ("lokr_w2", "LoKr (LyCORIS Kronecker product)"),
+    ("lokr_t2", "LoKr (LyCORIS Kronecker product)"),
+    ("dora_scale", "DoRA (weight-decomposed LoRA: magnitude vectors)"),
+    ("lora_magnitude_vector", "DoRA (weight-decomposed LoRA: magnitude vectors)"),
+    ("lora_mid", "LoCon with a Tucker core (lora_mid)"),
+    ("oft_blocks", "OFT (orthogonal fine-tuning)"), ("oft_diag", "OFT (orthogonal fine-tuning)"),
+)
+_FULL_DIFF = re.compile(r"\.(diff|diff_b|weight_diff|bias_diff)$")
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
 TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_", "text_encoder.", "text_encoder_2.")
-_DIFFUSERS_KEY = re.compile(
-    r"^unet\.(?P<module>.+?)\.(?P<suffix>lora\.down\.weight|lora\.up\.weight|lora_A\.weight|lora_B\.weight|alpha)$"
-)
-_WEBUI_KEY = re.compile(r"^lora_unet_(?P<module>\w+?)\.(?P<suffix>lora_down\.weight|lora_up\.weight|alpha)$")
 _ROLES = {
     "lora.down.weight": "down", "lora_A.weight": "down", "lora_down.weight": "down",
     "lora.up.weight": "up", "lora_B.weight": "up", "lora_up.weight": "up",
@@ -65,10 +90,18 @@ class LoraModuleWeights:
 class LoraFile:
     """A validated LoRA: its layout, per-module weights and the sha256 of the file bytes."""
 
-    layout: Layout
+    layout: str  # a SourceLayout
     modules: dict[str, LoraModuleWeights]
     sha256: str = ""
     path: Path | None = None
+
+    @property
+    def unet_modules(self) -> list[str]:
+        return [m for m in self.modules if not is_text_encoder_module(m)]
+
+    @property
+    def text_encoder_modules(self) -> list[str]:
+        return [m for m in self.modules if is_text_encoder_module(m)]
 
     @property
     def rank(self) -> int:
@@ -81,6 +114,10 @@ class LoraFile:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.modules.values() for t in (m.down, m.up))
+
+
+def is_text_encoder_module(module: str) -> bool:
+    return module.split(".", 1)[0] in TEXT_ENCODERS
 
 
 def _leaf_name(module: str) -> str:
@@ -126,43 +163,6 @@ def module_specs(unet: torch.nn.Module) -> dict[str, ModuleSpec]:
     return specs
 
 
-def detect_layout(keys: Iterable[str]) -> Layout:
-    """'webui' if every key starts with `lora_unet_`, 'diffusers' if every key starts with `unet.`."""
-    keys = list(keys)
-    if not keys:
-        raise LoraFormatError("the LoRA holds no keys")
-    text_encoder = [k for k in keys if k.startswith(TEXT_ENCODER_PREFIXES)]
-    if text_encoder:
-        raise LoraFormatError(
-            f"text-encoder LoRA is not supported (UNet only): {_name_keys(text_encoder)}", keys=text_encoder
-        )
-    webui = [k for k in keys if k.startswith("lora_unet_")]
-    diffusers = [k for k in keys if k.startswith("unet.")]
-    if len(webui) == len(keys):
-        return "webui"
-    if len(diffusers) == len(keys):
-        return "diffusers"
-    unknown = [k for k in keys if k not in set(webui) | set(diffusers)]
-    if unknown:
-        raise LoraFormatError(
-            f"keys with an unknown prefix (expected 'unet.' or 'lora_unet_'): {_name_keys(unknown)}", keys=unknown
-        )
-    minority = min(webui, diffusers, key=len)
-    raise LoraFormatError(
-        f"mixed layouts: {len(diffusers)} 'unet.' keys and {len(webui)} 'lora_unet_' keys, e.g. {_name_keys(minority)}",
-        keys=minority,
-    )
-
-
-def _webui_names(specs: dict[str, ModuleSpec]) -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for name in specs:
-        other = flat.setdefault(name.replace(".", "_"), name)
-        if other != name:
-            raise LoraFormatError(f"UNet modules {other!r} and {name!r} share the webui name", keys=[other, name])
-    return flat
-
-
 def _expected(spec: ModuleSpec, role: str, rank: str | int) -> tuple:
     if role == "down":
         return (rank, spec.in_features) + (spec.kernel_size if spec.kind == "conv" else ())
@@ -180,29 +180,205 @@ def _check_shape(tensor: torch.Tensor, spec: ModuleSpec, role: str, rank: int) -
     )
 
 
+def module_specs_of(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, ModuleSpec]:
+    """UNet layers by path, plus each text encoder's as `<text_encoder name>.<path>`."""
+    specs = module_specs(unet)
+    for prefix, model in (text_encoders or {}).items():
+        specs.update({f"{prefix}.{name}": spec for name, spec in module_specs(model).items()})
+    return specs
+
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+
+
+def detect_layout(keys: Iterable[str]) -> Layout:
+    """'webui' if every key is kohya-named (`lora_unet_`, `lora_te1_`, ...), 'diffusers' if every key starts
+    with `unet.`, `text_encoder.` or `text_encoder_2.`."""
+    keys = list(keys)
+    if not keys:
+        raise LoraFormatError("the LoRA holds no keys")
+    webui = [k for k in keys if k.startswith(_KOHYA_PREFIXES)]
+    diffusers = [k for k in keys if k.startswith(_DIFFUSERS_PREFIXES)]
+    if len(webui) == len(keys):
+        return "webui"
+    if len(diffusers) == len(keys):
+        return "diffusers"
+    unknown = [k for k in keys if k not in set(webui) | set(diffusers)]
+    if unknown:
+        raise LoraFormatError(
+            "keys with an unknown prefix (expected 'unet.', 'text_encoder.', 'text_encoder_2.', 'lora_unet_', "
+            f"'lora_te1_' or 'lora_te2_'): {_name_keys(unknown)}", keys=unknown
+        )
+    minority = min(webui, diffusers, key=len)
+    raise LoraFormatError(
+        f"mixed layouts: {len(diffusers)} diffusers keys and {len(webui)} kohya/webui keys, e.g. {_name_keys(minority)}",
+        keys=minority,
+    )
+
+
+def _refuse_unsupported(keys: Iterable[str]) -> None:
+    for key in keys:
+        for marker, name in UNSUPPORTED:
+            if marker in key:
+                raise LoraFormatError(
+                    f"{name} is not supported: our runtime applies low-rank updates (up @ down) only; key {key!r}",
+                    keys=[key])
+        if _FULL_DIFF.search(key):
+            raise LoraFormatError(
+                f"full-weight differences (.diff / .diff_b) are not supported: our runtime applies low-rank updates "
+                f"(up @ down) only; key {key!r}", keys=[key])
+
+
+def _kohya_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
+    """{kohya module name: {role: key}}; every key must be `<name>.lora_down.weight/lora_up.weight/alpha`."""
+    groups: dict[str, dict[str, str]] = {}
+    problems = []
+    for key in state_dict:
+        name, _, suffix = key.partition(".")
+        role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
+        if role is None:
+            problems.append((key, "does not fit the webui layout (<name>.lora_down.weight / lora_up.weight / alpha)"))
+        else:
+            groups.setdefault(name, {})[role] = key
+    _fail("LoRA keys do not match the webui layout", problems)
+    for name, roles in groups.items():
+        if "down" not in roles or "up" not in roles:
+            missing = "up" if "down" in roles else "down"
+            problems += [(k, f"module {name!r} has no {missing} weight") for k in roles.values()]
+        elif "alpha" not in roles:
+            problems.append((roles["down"], f"module {name!r} lacks its {name + '.alpha'!r} key (required in webui)"))
+    _fail("incomplete LoRA modules", problems)
+    sgm = [roles["down"] for name, roles in groups.items() if name.startswith("lora_unet_") and
+           name.removeprefix("lora_unet_").startswith(_SGM_BLOCKS)]
+    plain = [roles["down"] for name, roles in groups.items() if name.startswith("lora_unet_") and
+             name.removeprefix("lora_unet_").startswith(("down_blocks_", "mid_block_", "up_blocks_"))]
+    if sgm and plain:  # diffusers' converter would drop the SGM-named half without a word
+        _fail("mixed block names (SGM input_blocks/middle_block/output_blocks and diffusers down_blocks/mid_block/"
+              "up_blocks) in one file", [(k, "SGM block name in a file that also has diffusers block names") for k in sgm])
+    return groups
+
+
+def _convert(fn, items: dict[str, tuple[str, torch.Tensor]], what: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """Apply a diffusers converter to {key: tensor} and follow each tensor by identity back to its file key.
+    A tensor the converter drops or overwrites is an error naming its key."""
+    by_id = {id(t): src for src, t in items.values()}
+    try:
+        out = fn({k: t for k, (_, t) in items.items()})
+    except Exception as e:  # diffusers raises ValueError/KeyError with the offending names in the message
+        keys = [src for src, _ in items.values() if src in str(e)] or [next(iter(items.values()))[0]]
+        raise LoraFormatError(f"diffusers' {what} refused the file ({type(e).__name__}: {e})", keys=keys) from e
+    result = {}
+    for k, t in out.items():
+        src = by_id.get(id(t))
+        if src is None:
+            raise LoraFormatError(f"diffusers' {what} changed the tensor of {k!r}: only renaming is supported", keys=[k])
+        result[k] = (src, t)
+    seen = {src for src, _ in result.values()}
+    lost = [src for src, _ in items.values() if src not in seen]
+    _fail(f"diffusers' {what} dropped or overwrote keys", [(k, "has no place in the converted LoRA") for k in lost])
+    return result
+
+
+def _to_diffusers_names(
+    state_dict: dict[str, torch.Tensor], layout: Layout, unet_config
+) -> tuple[dict[str, tuple[str, torch.Tensor]], dict[str, str]]:
+    """The file's tensors under the PEFT names diffusers loads them with: ({name: (file key, tensor)},
+    {kohya alpha key: kohya down key})."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                                  convert_unet_state_dict_to_peft)
+
+    tensors = dict(state_dict)
+    seen: set[int] = set()
+    for k, t in tensors.items():  # identity tracking needs one object per key
+        if id(t) in seen:
+            tensors[k] = t.view(t.shape)
+        seen.add(id(t))
+    alphas: dict[str, str] = {}
+    if layout == "webui":
+        groups = _kohya_groups(tensors)
+        alphas = {roles["alpha"]: roles["down"] for roles in groups.values()}
+        if unet_config is None and any(n.removeprefix("lora_unet_").startswith(_SGM_BLOCKS) for n in groups):
+            raise LoraFormatError("SGM block names need the UNet's config to be mapped",
+                                  keys=[next(r["down"] for n, r in groups.items() if n.removeprefix("lora_unet_").startswith(_SGM_BLOCKS))])
+        weights = {k: (k, t) for k, t in tensors.items() if k not in alphas}
+        # diffusers reads alphas as numbers (network_alphas); we take them from the file by kohya name
+        converted = _convert(
+            lambda sd: StableDiffusionXLLoraLoaderMixin.lora_state_dict(
+                {**sd, **{a: tensors[a] for a in alphas}}, unet_config=unet_config)[0],
+            weights, "converter (StableDiffusionXLPipeline.lora_state_dict)")
+    else:
+        converted = _convert(lambda sd: StableDiffusionXLLoraLoaderMixin.lora_state_dict(sd)[0],
+                             {k: (k, t) for k, t in tensors.items()}, "lora_state_dict")
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for prefix in ("unet",) + TEXT_ENCODERS:
+        part = {k.removeprefix(prefix + "."): v for k, v in converted.items() if k.split(".", 1)[0] == prefix}
+        if not part:
+            continue
+        if prefix == "unet":  # key by key, so that two keys landing on one name are both named
+            renamed = {}
+            for k, v in part.items():
+                for new, item in _convert(convert_unet_state_dict_to_peft, {k: v}, "UNet renaming").items():
+                    if new in renamed:
+                        _fail("LoRA keys do not match the UNet", [(renamed[new][0], f"{new!r} given twice"),
+                                                                  (item[0], f"{new!r} given twice")])
+                    renamed[new] = item
+        else:
+            def te_to_peft(sd):
+                try:
+                    return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+                except ValueError as e:
+                    if "infer" not in str(e):
+                        raise
+                    return sd  # names diffusers cannot classify: left as they are, refused below
+            renamed = _convert(te_to_peft, part, "text-encoder renaming")
+        out.update({f"{prefix}.{k}": v for k, v in renamed.items()})
+    return out, alphas
+
+
+_PEFT_KEY = re.compile(
+    r"^(?P<prefix>unet|text_encoder|text_encoder_2)\.(?P<module>.+?)\."
+    r"(?P<suffix>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|alpha)$"
+)
+
+
+def source_layout(keys: Iterable[str]) -> str:
+    """The file's layout as reported: diffusers, webui, or webui-sgm (kohya with SGM block names)."""
+    keys = list(keys)
+    layout = detect_layout(keys)
+    if layout == "webui" and any(k.removeprefix("lora_unet_").startswith(_SGM_BLOCKS) for k in keys if k.startswith("lora_unet_")):
+        return "webui-sgm"
+    return layout
+
+
 def parse_lora_state_dict(
-    state_dict: dict[str, torch.Tensor], specs: dict[str, ModuleSpec]
-) -> tuple[Layout, dict[str, LoraModuleWeights]]:
-    """Validate a LoRA state dict against the UNet's specs and return its layout and per-module weights."""
+    state_dict: dict[str, torch.Tensor], specs: dict[str, ModuleSpec], unet_config=None
+) -> tuple[str, dict[str, LoraModuleWeights]]:
+    """Validate a LoRA state dict against the model's specs (`module_specs_of`) and return its layout and
+    per-module weights. `unet_config` (the UNet's config) maps SGM block names."""
     if not state_dict:
         raise LoraFormatError("the LoRA holds no keys (empty file)")
+    _refuse_unsupported(state_dict)
     layout = detect_layout(state_dict)
-    grammar, flat = (_DIFFUSERS_KEY, None) if layout == "diffusers" else (_WEBUI_KEY, _webui_names(specs))
+    reported = source_layout(state_dict)
+    named, alphas = _to_diffusers_names(state_dict, layout, unet_config)
+
     parts: dict[str, dict[str, str]] = {}
+    module_of: dict[str, str] = {}
     problems: list[tuple[str, str]] = []
-    for key, tensor in state_dict.items():
-        match = grammar.match(key)
+    for name, (key, tensor) in named.items():
+        match = _PEFT_KEY.match(name)
         if match is None:
-            hint = "unet.<module>.lora.down.weight / lora.up.weight / lora_A.weight / lora_B.weight / alpha"
-            if layout == "webui":
-                hint = "lora_unet_<module>.lora_down.weight / lora_up.weight / alpha"
-            problems.append((key, f"does not fit the {layout} layout ({hint})"))
+            problems.append((key, f"does not fit the {layout} layout (<unet|text_encoder|text_encoder_2>.<module>."
+                                  "lora.down.weight / lora.up.weight / lora_A.weight / lora_B.weight / alpha)"))
             continue
-        raw, role = match["module"], _ROLES[match["suffix"]]
-        module = raw if flat is None else flat.get(raw)
+        prefix, raw, role = match["prefix"], match["module"], _ROLES[match["suffix"]]
+        module = raw if prefix == "unet" else f"{prefix}.{raw}"
         if module not in specs:
-            hint = " (LDM/sgm block names are not supported)" if raw.startswith(_SGM_BLOCKS) else ""
-            problems.append((key, f"names no nn.Linear or nn.Conv2d module of the UNet{hint}"))
+            where = "the UNet" if prefix == "unet" else prefix
+            hint = " (LDM/sgm block names)" if raw.startswith(_SGM_BLOCKS) else ""
+            problems.append((key, f"names no nn.Linear or nn.Conv2d module of {where}{hint}"))
         elif not isinstance(tensor, torch.Tensor):
             problems.append((key, f"is a {type(tensor).__name__}, not a tensor"))
         elif role in parts.setdefault(module, {}):
@@ -210,16 +386,16 @@ def parse_lora_state_dict(
             problems += [(k, f"{role} of {module!r} given twice") for k in (other, key)]
         else:
             parts[module][role] = key
-    _fail("LoRA keys do not match the UNet", problems)
+            module_of[key] = module
+    _fail("LoRA keys do not match the model", problems)
+    for alpha_key, down_key in alphas.items():
+        parts[module_of[down_key]]["alpha"] = alpha_key
 
     for module, roles in parts.items():
         if "down" not in roles or "up" not in roles:
             missing = "up" if "down" in roles else "down"
             present = [roles[r] for r in ("down", "up", "alpha") if r in roles]
             problems += [(k, f"module {module!r} has no {missing} weight") for k in present]
-        elif layout == "webui" and "alpha" not in roles:
-            alpha_key = roles["down"].split(".", 1)[0] + ".alpha"
-            problems.append((roles["down"], f"module {module!r} lacks its {alpha_key!r} key (required in webui)"))
     _fail("incomplete LoRA modules", problems)
 
     order = {name: i for i, name in enumerate(specs)}
@@ -235,7 +411,7 @@ def parse_lora_state_dict(
                 problems.append((key, issue))
             elif rank < 1:
                 problems.append((key, "rank must be at least 1"))
-            elif not bool(torch.isfinite(tensor).all()):
+            elif not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
                 problems.append((key, "holds NaN or Inf"))
         alpha = float(rank)
         if "alpha" in roles:
@@ -246,7 +422,7 @@ def parse_lora_state_dict(
                 problems.append((key, f"alpha must be finite and > 0, got {alpha}"))
         modules[module] = LoraModuleWeights(module, down, up, alpha)
     _fail("invalid LoRA weights", problems)
-    return layout, modules
+    return reported, modules
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -256,7 +432,7 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def read_lora_file(path: str | os.PathLike, specs: dict[str, ModuleSpec]) -> LoraFile:
+def read_lora_file(path: str | os.PathLike, specs: dict[str, ModuleSpec], unet_config=None) -> LoraFile:
     """Load a safetensors LoRA on CPU, validate it against `specs` and hash its bytes."""
     path = Path(path)
     _refuse_pickle(path)
@@ -269,7 +445,7 @@ def read_lora_file(path: str | os.PathLike, specs: dict[str, ModuleSpec]) -> Lor
         state_dict = safetensors.torch.load(data)
     except (safetensors.SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise LoraFormatError(f"{path}: not a readable safetensors file ({e})") from e
-    layout, modules = parse_lora_state_dict(state_dict, specs)
+    layout, modules = parse_lora_state_dict(state_dict, specs, unet_config)
     return LoraFile(layout, modules, hashlib.sha256(data).hexdigest(), path)
 
 
@@ -280,13 +456,19 @@ def lora_state_dict(modules: dict[str, LoraModuleWeights], layout: Layout) -> di
     out: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         down, up = m.down.detach().contiguous(), m.up.detach().contiguous()
+        te, _, path = name.partition(".") if is_text_encoder_module(name) else ("", "", name)
         if layout == "diffusers":
             if m.alpha != m.rank:
                 up = (up.to(torch.float64) * m.scale).to(up.dtype)
-            out[f"unet.{name}.lora.down.weight"] = down
-            out[f"unet.{name}.lora.up.weight"] = up
+            if te:  # PEFT names, as diffusers' save_lora_weights writes text-encoder parts
+                out[f"{name}.lora_A.weight"] = down
+                out[f"{name}.lora_B.weight"] = up
+            else:
+                out[f"unet.{name}.lora.down.weight"] = down
+                out[f"unet.{name}.lora.up.weight"] = up
         else:
-            base = "lora_unet_" + name.replace(".", "_")
+            kohya = {"": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[te]
+            base = kohya + path.replace(".", "_")
             out[f"{base}.lora_down.weight"] = down
             out[f"{base}.lora_up.weight"] = up
             out[f"{base}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)

@@ -292,10 +292,12 @@ class SpoPipeline:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._set_attention(settings.attention)
         cap = int(settings.adapter_memory_mb * 2**20) if settings.adapter_memory_mb else None
-        self.registry = LoraRegistry(self.unet, device, dtype, memory_limit_bytes=cap)
+        self.registry = LoraRegistry(self.unet, device, dtype, memory_limit_bytes=cap, text_encoders={
+            "text_encoder": self.text_encoders[0], "text_encoder_2": self.text_encoders[1]})
         self.default_lora_scale = float(settings.lora_scale)
         self.default_adapter: str | None = None
-        self._cache: OrderedDict[str, _Embedding] = OrderedDict()
+        # prompt -> embedding; with an adapter's text-encoder layers: (prompt, adapter, sha256, scale) -> embedding
+        self._cache: OrderedDict[str | tuple, _Embedding] = OrderedDict()
         self.last_step: StepStats | None = None
         self._last_adapters: list[str] = []
         if parts.get("lora") is not None:
@@ -326,10 +328,18 @@ class SpoPipeline:
     def load_adapter(self, name: str, source: str | Path | LoraFile, replace: bool = False):
         """Load a LoRA file (diffusers or webui layout, safetensors) or a parsed LoraFile as `name`."""
         lora = source if isinstance(source, LoraFile) else self.registry.read(source)
-        return self.registry.load(name, lora, source=None if isinstance(source, LoraFile) else str(source), replace=replace)
+        adapter = self.registry.load(name, lora, source=None if isinstance(source, LoraFile) else str(source), replace=replace)
+        self._forget_embeddings(name)
+        return adapter
+
+    def _forget_embeddings(self, adapter: str) -> None:
+        """Drop cached prompt embeddings computed with `adapter`'s text-encoder layers."""
+        for key in [k for k in self._cache if isinstance(k, tuple) and k[1] == adapter]:
+            del self._cache[key]
 
     def unload_adapter(self, name: str) -> None:
         self.registry.unload(name)
+        self._forget_embeddings(name)
         if self.default_adapter == name:
             self.default_adapter = None
 
@@ -417,51 +427,70 @@ class SpoPipeline:
         noise = initial_noise(row.generator, tuple(z.shape[1:]), self.dtype, self.device)
         return add_noise(row.schedule, row.step, z, noise)
 
+    def _text_key(self, text: str, s: RequestState) -> str | tuple:
+        """Cache key of `text` encoded for row `s`: the text alone, or with the adapter (name, sha256) and
+        scale when the row's adapter has text-encoder layers and a non-zero scale."""
+        a = s.adapter
+        if a is None or s.lora_scale == 0.0 or not self.registry.get(a).has_text_encoder:
+            return text
+        return (text, a, self.registry.get(a).sha256, float(s.lora_scale))
+
     @torch.inference_mode()
     def encode(self, states: list[RequestState]) -> None:
-        """Attach prompt (and, with CFG, negative) embeddings to each state."""
+        """Attach prompt (and, with CFG, negative) embeddings to each state. An adapter's text-encoder
+        layers run at the row's LoRA scale (as diffusers' `set_adapters` scales them); one batched call
+        per encoder covers every uncached (prompt, adapter, scale)."""
         t0 = time.perf_counter()
-        texts = []
+        keys = []
         for s in states:
-            texts.append(s.request.prompt)
+            keys.append(self._text_key(s.request.prompt, s))
             if s.cfg and not (s.request.negative_prompt is None and self.force_zeros_for_empty_prompt):
-                texts.append(s.request.negative_prompt or "")
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        fresh = dict(zip(missing, self._encode_texts(missing))) if missing else {}
+                keys.append(self._text_key(s.request.negative_prompt or "", s))
+        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        fresh = {}
+        if missing:
+            texts = [k if isinstance(k, str) else k[0] for k in missing]
+            if all(isinstance(k, str) for k in missing):
+                fresh = dict(zip(missing, self._encode_texts(texts)))
+            else:
+                rows = [{} if isinstance(k, str) else {k[1]: k[3]} for k in missing]
+                fresh = dict(zip(missing, self._encode_texts(texts, rows)))
         for s in states:
-            e = self._lookup(s.request.prompt, fresh)
+            e = self._lookup(self._text_key(s.request.prompt, s), fresh)
             s.prompt_embeds, s.pooled, s.prompt_truncated = e.hidden, e.pooled, e.truncated
             if s.cfg:
                 if s.request.negative_prompt is None and self.force_zeros_for_empty_prompt:
                     s.negative_embeds, s.negative_pooled = torch.zeros_like(e.hidden), torch.zeros_like(e.pooled)
                 else:
-                    n = self._lookup(s.request.negative_prompt or "", fresh)
+                    n = self._lookup(self._text_key(s.request.negative_prompt or "", s), fresh)
                     s.negative_embeds, s.negative_pooled = n.hidden, n.pooled
         ms = (time.perf_counter() - t0) * 1e3
         for s in states:
             s.timings["encode_ms"] = ms
 
-    def _lookup(self, text: str, fresh: dict[str, _Embedding]) -> _Embedding:
-        e = fresh.get(text) or self._cache[text]
+    def _lookup(self, key: str | tuple, fresh: dict) -> _Embedding:
+        e = fresh.get(key) or self._cache[key]
         if self.settings.embed_cache_size:
-            self._cache[text] = e
-            self._cache.move_to_end(text)
+            self._cache[key] = e
+            self._cache.move_to_end(key)
             while len(self._cache) > self.settings.embed_cache_size:
                 self._cache.popitem(last=False)
         return e
 
-    def _encode_texts(self, texts: list[str]) -> list[_Embedding]:
+    def _encode_texts(self, texts: list[str], rows: list[dict[str, float]] | None = None) -> list[_Embedding]:
         """Both CLIP encoders over `texts` in one call each; penultimate hidden states, concatenated,
-        and the second encoder's projected pooled output (as diffusers' SDXL pipeline)."""
+        and the second encoder's projected pooled output (as diffusers' SDXL pipeline). `rows`: each
+        text's {adapter: scale} for the adapters' text-encoder layers (absent: none)."""
         hidden, truncated, pooled = [], [False] * len(texts), None
-        for tok, enc in zip(self.tokenizers, self.text_encoders):
-            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            full = tok(texts, padding=False, truncation=False).input_ids
-            truncated = [t or len(f) > tok.model_max_length for t, f in zip(truncated, full)]
-            out = enc(ids.to(self.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            if pooled is None and out[0].ndim == 2:
-                pooled = out[0]
+        with self.registry.text_scales(rows or [{} for _ in texts]):
+            for tok, enc in zip(self.tokenizers, self.text_encoders):
+                ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+                full = tok(texts, padding=False, truncation=False).input_ids
+                truncated = [t or len(f) > tok.model_max_length for t, f in zip(truncated, full)]
+                out = enc(ids.to(self.device), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                if pooled is None and out[0].ndim == 2:
+                    pooled = out[0]
         h = torch.cat(hidden, dim=-1).to(self.dtype)
         pooled = pooled.to(self.dtype)
         return [_Embedding(h[i : i + 1], pooled[i : i + 1], truncated[i]) for i in range(len(texts))]
