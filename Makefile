@@ -77,3 +77,17 @@ prometheus-check: deps-system
 	promtool check rules deploy/prometheus/rules.yml
 	promtool check config deploy/prometheus/prometheus.yml
 	promtool test rules deploy/prometheus/rules_test.yml
+
+# The container (deploy/container/README.md): `make container` builds the bento and an OCI image with
+# `bentoml containerize`: docker where `docker info` succeeds (python:3.11-slim, CUDA torch), else podman
+# (a Debian-built base when no image registry answers; the CPU torch wheel). `make container-test` builds
+# it if missing, runs it with the tiny preset and checks /readyz, the README's curl and a clean SIGTERM
+# exit (minutes; not part of `make test`). Settings: CONTAINER_ENGINE, CONTAINER_TORCH, CONTAINER_BASE,
+# CONTAINER_IMAGE (deploy/container/lib.sh).
+container: $(STAMP)
+	VENV=$(VENV) bash deploy/container/build.sh
+
+container-test: $(STAMP)
+	VENV=$(VENV) bash deploy/container/test.sh
+
+.PHONY: container container-test

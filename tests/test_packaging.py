@@ -1,6 +1,9 @@
-"""bentoml build works here, and the generated container file installs our pins and starts our service."""
+"""bentoml build works here, and the generated container file installs our pins, runs our service as a
+non-root user with SPO_DATA_DIR on a writable volume, and exposes port 3000. Building and running the
+image itself is `make container-test` (minutes, deploy/container/); these checks take seconds."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +11,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTAINER = ROOT / "deploy" / "container"
 
 
 def test_bentoml_build_and_containerfile(tmp_path):
@@ -24,12 +28,29 @@ def test_bentoml_build_and_containerfile(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     containerfile = (tmp_path / "Containerfile").read_text()
+    lines = [" ".join(line.split()) for line in containerfile.splitlines()]  # RUN lines may hold two spaces
     assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in containerfile
     assert 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]' in containerfile
+    # The server runs as the non-root user bentoml: the last USER line, before the entrypoint.
+    users = [line for line in lines if line.startswith("USER ")]
+    assert users and users[-1] == "USER bentoml", users
+    assert lines.index(users[-1]) < lines.index('ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]')
+    assert "EXPOSE 3000" in lines
+    # SPO_DATA_DIR: set in the image, and created owned by bentoml by our setup script (run as root after
+    # the packages) so that the volume mounted there is writable by the server.
+    assert "ARG SPO_DATA_DIR=/home/bentoml/data" in lines and "ENV SPO_DATA_DIR=$SPO_DATA_DIR" in lines
+    setup = [line for line in lines if re.fullmatch(r"RUN chmod \+x (\./env/docker/script__[0-9a-f]{32}) && \1", line)]
+    assert len(setup) == 1, "the setup script (bentofile docker.setup_script) does not run"
+    assert lines.index(setup[0]) < lines.index(users[-1])
     bento = next((tmp_path / "home" / "bentos" / "spo-serve").glob("*/bento.yaml")).parent
+    script = bento / setup[0].split(" && ")[1]
+    assert script.read_text() == (CONTAINER / "image-setup.sh").read_text()
+    assert os.access(script, os.X_OK)
+    assert '"${SPO_DATA_DIR:?}"' in script.read_text() and "chown bentoml:bentoml" in script.read_text()
     meta = yaml.safe_load((bento / "bento.yaml").read_text())
     assert meta["service"] == "service.service:SPOService"
-    assert {e["name"] for e in meta["envs"]} >= {"SPO_MODEL", "SPO_DATA_DIR"}
+    envs = {e["name"]: e.get("value") for e in meta["envs"]}
+    assert envs["SPO_DATA_DIR"] == "/home/bentoml/data" and envs["SPO_MODEL"] == "auto"
     assert [r["route"] for r in meta["schema"]["routes"]][:2] == ["/generate", "/generate_batch"]
     reqs = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
     ours = (ROOT / "requirements.txt").read_text().splitlines()
@@ -37,4 +58,41 @@ def test_bentoml_build_and_containerfile(tmp_path):
     for f in ["service/service.py", "spo_runtime/engine.py", "spo_runtime/configs/unet.json", "spo_runtime/sampler.py"]:
         assert (bento / "src" / f).is_file(), f
     assert not (bento / "src" / "tests").exists()
+    assert not (bento / "src" / "deploy").exists()  # nor the container scripts or their build outputs
     assert "serve" in (bento / "env" / "docker" / "entrypoint.sh").read_text()
+
+
+def test_container_variant_changes_only_base_and_torch(tmp_path):
+    """make container's CPU/Debian-base variant: bentofile.yaml with another base image, and requirements.txt
+    with torch pinned to the given wheel's exact version and the build-time wheel directory."""
+    wheel = tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wheel.touch()
+    out = tmp_path / "variant"
+    r = subprocess.run(
+        [sys.executable, str(CONTAINER / "variant.py"), str(out), "--base-image", "localhost/spo-serve-base:bookworm",
+         "--torch-wheel", str(wheel)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    ours = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    variant = yaml.safe_load((out / "bentofile.yaml").read_text())
+    assert variant["docker"]["base_image"] == "localhost/spo-serve-base:bookworm"
+    assert variant["docker"]["setup_script"] == ours["docker"]["setup_script"]
+    assert variant["python"]["requirements_txt"] != ours["python"]["requirements_txt"]
+    for key in ("service", "name", "include", "exclude", "envs"):
+        assert variant[key] == ours[key], key
+    reqs = (out / "requirements.txt").read_text().splitlines()
+    base = (ROOT / ours["python"]["requirements_txt"]).read_text().splitlines()
+    assert reqs[0] == "--find-links /opt/spo-wheels" and "torch==2.13.0+cpu" in reqs
+    assert set(reqs) - set(base) == {"--find-links /opt/spo-wheels", "torch==2.13.0+cpu"}
+    assert set(base) - set(reqs) == {"torch==2.13.0"}
+
+
+def test_container_scripts_parse_and_stay_out_of_make_test():
+    for script in ("lib.sh", "base.sh", "build.sh", "test.sh"):
+        r = subprocess.run(["bash", "-n", str(CONTAINER / script)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^container:", makefile, re.M) and re.search(r"^container-test:", makefile, re.M)
+    test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "container" not in test_recipe
