@@ -78,6 +78,19 @@ prometheus-check: deps-system
 	promtool check config deploy/prometheus/prometheus.yml
 	promtool test rules deploy/prometheus/rules_test.yml
 
+# Soak (starts its own server, tiny preset): an open-loop mix at 70% of the capacity it measures first, sampling
+# the worker's RSS, fds, threads (and device memory) every 10 s; `make soak DURATION=30m`. Summary:
+# benchmarks/results/soak_$(DURATION).json. Contention: the same schedule with and without two busy processes,
+# per thread setting; `make contention`. Both take the machine for their duration: run them on a quiet one.
+DURATION ?= 30m
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --duration $(DURATION) --tag soak_$(DURATION)
+
+contention: $(STAMP)
+	$(BIN)/python benchmarks/contention.py --tag contention
+
+.PHONY: soak contention
+
 # The container (deploy/container/README.md): `make container` builds the bento and an OCI image with
 # `bentoml containerize`: docker where `docker info` succeeds (python:3.11-slim, CUDA torch), else podman
 # (a Debian-built base when no image registry answers; the CPU torch wheel). `make container-test` builds
