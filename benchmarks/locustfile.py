@@ -21,6 +21,10 @@ file, so it does not list them; they are all here):
     --admin-token T --admin-share 0.02       POST /admin/lora_scale with 'Authorization: Bearer T' in that share
                                              of calls; off without a token. The default scale found at the
                                              start is restored at the end (--no-admin-restore to keep it)
+    --openai-weight 1 --a1111-weight 1       weights of the OpenAI Images API user (POST /v1/images/generations)
+                                             and the AUTOMATIC1111 user (POST /sdapi/v1/txt2img, <lora:...> tags)
+                                             beside SPOUser's 8; 0 leaves that user out. Name classes to run
+                                             only those: `locust -f ... SPOUser` is the native-API mix alone
 
 Failures are grouped by kind, so locust's failure table (and *_failures.csv) tells overload from errors:
 "429 queue full", "503 unavailable", "504 deadline", "connection error: ...", "<status> <error message>",
@@ -78,6 +82,8 @@ def _add_arguments(parser):
     g.add_argument("--admin-share", type=float, default=0.02, help="share of calls that change the default LoRA scale")
     g.add_argument("--no-admin-restore", action="store_true", default=False,
                    help="keep the last default LoRA scale set by the test instead of restoring the initial one")
+    g.add_argument("--openai-weight", type=int, default=1, help="weight of OpenAIUser (SPOUser: 8); 0 leaves it out")
+    g.add_argument("--a1111-weight", type=int, default=1, help="weight of A1111User (SPOUser: 8); 0 leaves it out")
 
 
 def _floats(text: str) -> list[float]:
@@ -109,6 +115,11 @@ def _on_init(environment, **_):
     unknown = set(opts.schedulers.split(",")) - set(SCHEDULERS)
     if unknown:
         raise ValueError(f"--schedulers: unknown {sorted(unknown)}; known {list(SCHEDULERS)}")
+    OpenAIUser.weight, A1111User.weight = max(0, opts.openai_weight), max(0, opts.a1111_weight)
+    dropped = {c for c in (OpenAIUser, A1111User) if c.weight == 0}
+    if dropped and environment.user_classes:
+        environment.user_classes = [c for c in environment.user_classes if c not in dropped]
+        environment.user_classes_by_name = {c.__name__: c for c in environment.user_classes}
 
 
 def _admin_headers(token: str) -> dict[str, str]:
@@ -169,6 +180,7 @@ def _classify(resp) -> str | None:
 class SPOUser(HttpUser):
     """One client: mostly single images, some batches, rare admin scale changes (with a token only)."""
 
+    weight = 8
     wait_time = between(0.5, 2.0)  # replaced by --wait in on_start
 
     def on_start(self) -> None:
@@ -256,3 +268,88 @@ class SPOUser(HttpUser):
                 except (ValueError, KeyError, TypeError):
                     kind = "bad body: not the scale JSON"
             resp.failure(kind) if kind else resp.success()
+
+
+class _CompatUser(SPOUser):
+    """A client of another API, drawing its requests from the same mix (steps, schedulers, guidance, LoRA
+    share, size, prompts, seeds): the server maps each onto the one request model."""
+
+    abstract = True
+    weight = 1
+
+    def _result(self, resp, count: int, key: str) -> None:
+        kind = _classify(resp)
+        if kind is not None and kind[:3].isdigit() and resp.status_code not in (429, 503, 504):
+            try:  # OpenAI's {"error": {"message"}} and A1111's {"detail"} instead of our {"error"}
+                data = resp.json()
+                message = data["error"]["message"] if isinstance(data.get("error"), dict) else data.get("detail")
+                kind = f"{resp.status_code} {str(message)[:120]}"
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass
+        if kind is None:
+            try:
+                got = len(resp.json()[key])
+                if got != count:
+                    kind = f"bad body: {got} images for {count}"
+            except (ValueError, KeyError, TypeError):
+                kind = f"bad body: no {key!r} list"
+        resp.failure(kind) if kind else resp.success()
+
+
+class OpenAIUser(_CompatUser):
+    """The OpenAI Images API, as the `openai` SDK sends it: POST /v1/images/generations (b64_json)."""
+
+    @task
+    def mixed(self) -> None:
+        body, n = self._body(), 1
+        if self.rng.random() < self.o.batch_share:
+            n = self.rng.randint(*self.batch_n)
+        req = {"model": "dall-e-3", "prompt": body["prompt"], "n": n, "response_format": "b64_json",
+               "seed": body["seed"], "num_inference_steps": body["num_inference_steps"]}  # the last two: ours
+        if self.o.width and self.o.height:
+            req["size"] = f"{self.o.width}x{self.o.height}"
+        if self.o.format != "png":
+            req["output_format"] = self.o.format
+        with self.client.post("/v1/images/generations", json=req, name="/v1/images/generations", catch_response=True,
+                              timeout=self.o.request_timeout) as resp:
+            self._result(resp, n, "data")
+
+
+A1111_SAMPLERS = {"ddim": ("DDIM", "automatic"), "euler": ("Euler", "automatic"), "dpmpp_2m_karras": ("DPM++ 2M", "Karras")}
+
+
+class A1111User(_CompatUser):
+    """The AUTOMATIC1111 API, as webuiapi sends it: POST /sdapi/v1/txt2img with A1111's defaults and a
+    `<lora:NAME:SCALE>` tag (the server's default adapter, read once from /sdapi/v1/loras) in the LoRA share."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.lora = None
+        with self.client.get("/sdapi/v1/loras", name="/sdapi/v1/loras", catch_response=True, timeout=60) as resp:
+            try:
+                loras = resp.json()
+                self.lora = next((x["name"] for x in loras if x.get("metadata", {}).get("default")), None)
+                resp.success()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                resp.failure("bad body: not the loras list")
+
+    @task
+    def mixed(self) -> None:
+        body = self._body()
+        sampler, schedule = A1111_SAMPLERS[body["scheduler"]]
+        prompt = body["prompt"]
+        if "lora_scale" in body and self.lora:
+            prompt += f" <lora:{self.lora}:{body['lora_scale']}>"
+        batch = self.rng.randint(*self.batch_n) if self.rng.random() < self.o.batch_share else 1
+        req = {"prompt": prompt, "negative_prompt": "", "seed": body["seed"], "steps": body["num_inference_steps"],
+               "cfg_scale": body["guidance_scale"], "sampler_name": sampler, "scheduler": schedule, "batch_size": batch,
+               "n_iter": 1, "eta": 0, "enable_hr": False, "hr_scale": 2, "denoising_strength": 0.7, "styles": [],
+               "subseed": -1, "subseed_strength": 0, "restore_faces": False, "tiling": False, "s_noise": 1,
+               "override_settings": {}, "send_images": True, "save_images": False, "alwayson_scripts": {}}
+        if self.o.width:
+            req["width"] = self.o.width
+        if self.o.height:
+            req["height"] = self.o.height
+        with self.client.post("/sdapi/v1/txt2img", json=req, name="/sdapi/v1/txt2img", catch_response=True,
+                              timeout=self.o.request_timeout) as resp:
+            self._result(resp, batch, "images")
