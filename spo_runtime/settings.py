@@ -33,7 +33,11 @@ class Settings(BaseModel):
     # -- the model ---------------------------------------------------------------------------
     model: Literal["auto", "sdxl-spo", "sdxl-random", "tiny"] = Field(
         "auto", description="preset: sdxl-spo with CUDA, tiny without, when auto")
-    base_model: str | None = Field(None, description="hub id or diffusers SDXL pipeline directory")
+    base_model: str | None = Field(
+        None, description="hub id, diffusers SDXL pipeline directory, or single-file SDXL checkpoint (.safetensors)")
+    base_model_config: str | None = Field(
+        None, description="for a single-file SPO_BASE_MODEL: a local diffusers pipeline directory without weights "
+                          "(configs, tokenizers, scheduler) or hub id; default: SDXL base 1.0's from the hub")
     vae: str | None = Field(None, description="hub id or AutoencoderKL directory")
     lora: str | None = Field(None, description="LoRA file (.safetensors)")
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="cpu, cuda or cuda:N")
@@ -89,6 +93,10 @@ class Settings(BaseModel):
     # -- training ----------------------------------------------------------------------------
     train_device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="default: SPO_DEVICE")
     max_train_jobs: int = Field(1, ge=1, le=64, description="training jobs run at once; the rest wait queued")
+    spm: str | None = Field(None, description="step-aware preference model weights (.safetensors or .bin): "
+                                              "the default of TrainConfig.spm_path; unset: fetched from the hub")
+    spm_tokenizer: str | None = Field(None, description="local tokenizer directory of the SPM (CLIP-ViT-H-14); "
+                                                        "unset: fetched from the hub")
 
     @field_validator("faults")
     @classmethod
