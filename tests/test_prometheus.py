@@ -150,7 +150,9 @@ def test_prometheus_scrapes_a_live_server_and_answers_promql(tmp_path):
     port = free_port()
     prom = Prometheus(f"127.0.0.1:{port}", tmp_path)
     try:
-        env = {"SPO_DATA_DIR": str(tmp_path / "data"), "SPO_MAX_BATCH": "8"}
+        # its own BENTOML_HOME: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir at start, so
+        # another server started meanwhile on this machine would otherwise reset or mix into the counts
+        env = {"SPO_DATA_DIR": str(tmp_path / "data"), "SPO_MAX_BATCH": "8", "BENTOML_HOME": str(tmp_path / "bentoml")}
         with Server(env, tmp_path / "server.log", port=port) as s:
             # a scrape with only the warm-up image, so that rate() sees the increase that follows
             prom.wait('up{job="spo-serve"}', lambda v: v == 1)
