@@ -105,7 +105,7 @@ def load_pipeline(settings: Settings | None = None) -> SpoPipeline:
 
 def _load_tiny(settings: Settings) -> dict:
     if settings.base_model:
-        parts = _load_dir(settings.base_model, torch.float32, vae_src=settings.vae)
+        parts = _load_dir(settings.base_model, torch.float32, vae_src=settings.vae, config=settings.base_model_config)
     else:
         parts = tiny.build_components()
         parts["scheduler_config"] = dict(SDXL_SCHEDULER_CONFIG)
@@ -125,7 +125,7 @@ def _load_sdxl(settings: Settings, dtype: torch.dtype) -> dict:
     # The stock SDXL VAE overflows in fp16: the preset swaps in the fp16-fix VAE unless a local
     # pipeline is given without SPO_VAE (then its own VAE runs, upcast when its config asks).
     vae = settings.vae or (None if settings.base_model else SPO_VAE)
-    parts = _load_dir(base, dtype, vae_src=vae)
+    parts = _load_dir(base, dtype, vae_src=vae, config=settings.base_model_config)
     parts["lora"] = settings.lora or _hub_file(SPO_LORA_REPO, SPO_LORA_FILE)
     return parts
 
@@ -142,8 +142,63 @@ def _hub_file(repo: str, filename: str) -> str:
         ) from e
 
 
-def _load_dir(src: str, dtype: torch.dtype, vae_src: str | None = None) -> dict:
-    """Components of a diffusers SDXL pipeline directory or hub id."""
+PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def _load_single_file(src: str, dtype: torch.dtype, vae_src: str | None, config: str | None) -> dict:
+    """Components of a single-file SDXL checkpoint (original key names), through diffusers' `from_single_file`;
+    the structure (configs, tokenizers, scheduler) from `config`: a local diffusers pipeline directory without
+    weights (SPO_BASE_MODEL_CONFIG), else SDXL base 1.0's from the hub."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(src)
+    if path.suffix.lower() in PICKLE_CHECKPOINT_SUFFIXES:
+        raise ModelLoadError(f"SPO_BASE_MODEL: {src} is a pickle checkpoint ({path.suffix}); pickles can run code when "
+                             "loaded and are refused: convert it to .safetensors")
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"SPO_BASE_MODEL: {src}: a single-file checkpoint must be a .safetensors file")
+    cfg = config or SPO_BASE
+    local = Path(cfg).is_dir()
+    try:
+        # Each text encoder from its own embedder's keys only: diffusers tells the two CLIPs apart by width,
+        # which fails when both have the same width (the tiny model).
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            embedders = {i: {k: f.get_tensor(k) for k in keys if k.startswith(f"conditioner.embedders.{i}.")} for i in (0, 1)}
+        kw = dict(config=cfg, torch_dtype=dtype, local_files_only=local)
+        te1 = create_diffusers_clip_model_from_ldm(CLIPTextModel, embedders[0], subfolder="text_encoder", **kw)
+        te2 = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, embedders[1], subfolder="text_encoder_2", **kw)
+        del embedders
+        extra = {"vae": AutoencoderKL.from_pretrained(vae_src, torch_dtype=dtype)} if vae_src else {}
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), text_encoder=te1, text_encoder_2=te2, **extra, **kw)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        hint = "" if config else ("; offline, set SPO_BASE_MODEL_CONFIG to a local diffusers SDXL pipeline directory "
+                                  "without weights (model_index.json, the components' configs, tokenizers, scheduler)")
+        raise ModelLoadError(f"SPO_BASE_MODEL: could not load the single-file SDXL checkpoint {src!r} with the structure "
+                             f"of {cfg!r} ({type(e).__name__}: {e}){hint}") from e
+    vae = pipe.vae
+    if dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae = vae.to(torch.float32)
+    sources = {"base": {"id": src, "sha256": file_sha256(path)},
+               "base_config": {"id": cfg, "sha256": _dir_fingerprint(cfg) if local else None}}
+    if vae_src:
+        sources["vae"] = {"id": vae_src, "sha256": _dir_fingerprint(vae_src) if Path(vae_src).is_dir() else None}
+    return dict(
+        unet=pipe.unet, vae=vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, scheduler_config=dict(pipe.scheduler.config),
+        sources=sources, force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+    )
+
+
+def _load_dir(src: str, dtype: torch.dtype, vae_src: str | None = None, config: str | None = None) -> dict:
+    """Components of a diffusers SDXL pipeline directory or hub id, or of a single-file checkpoint."""
+    if Path(src).is_file():
+        return _load_single_file(src, dtype, vae_src, config)
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
