@@ -62,12 +62,22 @@ def _a1111_shape(status: int, raw: bytes) -> bytes:
 errors.ERROR_SHAPES["/sdapi/"] = _a1111_shape
 
 
+# our request model's names -> the A1111 field a client sent
+FIELDS = {"guidance_scale": "cfg_scale", "num_inference_steps": "steps", "strength": "denoising_strength",
+          "init_image": "init_images", "lora_scale": "prompt", "adapter": "prompt"}
+
+
 def from_exception(e: BaseException) -> JSONResponse:
     ours = errors.map_error(e)
     body = json.loads(ours.body)
     loc = body["detail"][0]["loc"] if body["detail"] else []
+    field, message = (str(loc[0]) if loc else None), body["error"]
+    if field in FIELDS:
+        where = "<lora:...> " if FIELDS[field] == "prompt" else ""
+        message = f"{FIELDS[field]}: {where}{message.removeprefix(field + ': ')}"
+        field = FIELDS[field]
     retry = {k: v for k, v in ours.headers.items() if k.lower() == "retry-after"}
-    return a1_error(ours.status_code, body["error"], str(loc[0]) if loc else None, retry)
+    return a1_error(ours.status_code, message, field, retry)
 
 
 def unauthorized() -> JSONResponse:

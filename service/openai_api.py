@@ -38,6 +38,7 @@ from spo_runtime.errors import InvalidRequestError
 from spo_runtime.requests import DEFAULT_STRENGTH, MAX_SEED
 
 log = logging.getLogger("spo_serve")
+access = logging.getLogger("spo_serve.access")  # one JSON line per request, as /generate's
 MAX_N = 8
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -91,11 +92,24 @@ async def run(svc, request: Request, requests: list[dict], seed: int | None):
     elif not 0 <= seed <= MAX_SEED - n + 1:
         raise InvalidRequestError("seed", f"with n={n} must be in 0..{MAX_SEED - n + 1}, got {seed}")
     svc.inflight += 1
+    t0, status, results = time.perf_counter(), 200, None
     try:
-        return await svc.engine.generate([{**r, "seed": seed + i} for i, r in enumerate(requests)],
-                                         is_disconnected=request.is_disconnected)
+        results = await svc.engine.generate([{**r, "seed": seed + i} for i, r in enumerate(requests)],
+                                            is_disconnected=request.is_disconnected)
+        return results
+    except Exception as e:
+        status = errors.map_error(e).status_code
+        raise
     finally:
         svc.inflight -= 1
+        rec = {"route": request.url.path, "status": status, "ms": round((time.perf_counter() - t0) * 1e3, 1), "n": n,
+               "prompt_len": len(requests[0].get("prompt") or "")}
+        if svc.settings.log_prompts:
+            rec["prompt"] = requests[0].get("prompt")
+        if results:
+            rec.update({k: round(results[0].timings.get(k, 0.0), 1) for k in ("queue_ms", "denoise_ms", "decode_ms")},
+                       seeds=[r.seed for r in results])
+        access.info(json.dumps(rec))
 
 
 def size_range(svc) -> tuple[int, int, int]:
@@ -139,8 +153,14 @@ def from_exception(e: BaseException) -> JSONResponse:
     ours = errors.map_error(e)
     body = json.loads(ours.body)
     loc = body["detail"][0]["loc"] if body["detail"] else []
+    param, message = (str(loc[0]) if loc else None), body["error"]
+    if param in FIELDS:  # our request model's name -> the parameter the client sent
+        message, param = f"{FIELDS[param]}: {message.removeprefix(param + ': ')}", FIELDS[param]
     retry = {k: v for k, v in ours.headers.items() if k.lower() == "retry-after"}
-    return oa_error(ours.status_code, body["error"], str(loc[0]) if loc else None, headers=retry)
+    return oa_error(ours.status_code, message, param, headers=retry)
+
+
+FIELDS = {"width": "size", "height": "size", "init_image": "image"}
 
 
 def unauthorized() -> JSONResponse:
@@ -370,12 +390,7 @@ async def edits(svc, request: Request) -> Response:
 
     init: Image.Image = await anyio.to_thread.run_sync(decode)
     request_fields = {**opts["request"], "init_image": init, "strength": strength}
-    try:
-        return await _answer(svc, request, opts, [request_fields] * opts["n"])
-    except InvalidRequestError as e:
-        if e.field == "init_image":
-            raise InvalidRequestError("image", e.message) from None
-        raise
+    return await _answer(svc, request, opts, [request_fields] * opts["n"])
 
 
 async def models(request: Request) -> Response:

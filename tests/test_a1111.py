@@ -90,6 +90,8 @@ def test_img2img_equals_generates_img2img(server, api):
     ({"sampler_name": "DPM++ 2M", "scheduler": "Exponential"}, "scheduler", "Karras"),
     ({"batch_size": 3, "n_iter": 3}, "batch_size", "1..8"),
     ({"width": 1024}, "width", "32..256"),
+    ({"cfg_scale": 50}, "cfg_scale", "0..30"),  # our model's names are given back as A1111's
+    ({"prompt": "a <lora:nope:0.5>"}, "prompt", "'nope' is not loaded"),
 ])
 def test_refusals_name_the_field(server, body, field, needle):
     full = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "sampler_name": "DDIM", "enable_hr": False,
@@ -126,3 +128,21 @@ def test_auth_listings_progress_and_interrupt(server, api):
     slow.join(60)
     assert answers and answers[0].status_code == 499 and "cancelled" in answers[0].json()["detail"]
     assert json.loads(json.dumps(api.get_progress()))["progress"] == 0
+
+
+def test_lora_tags_and_samplers_without_a_server():
+    from service.a1111 import sampler, split_lora
+    from spo_runtime.errors import InvalidRequestError
+
+    assert split_lora("a fox <lora:spo:0.6>") == ("a fox", "spo", 0.6)
+    assert split_lora("<lora:spo> a fox, <lora:spo:1>") == ("a fox,", "spo", 1.0)  # the same tag twice
+    assert split_lora("a fox") == ("a fox", None, None)
+    for bad in ("<lora:spo:0.5> <lora:spo:0.7> x", "<lora:spo:high> x", "<lora:spo:0.5:te=1> x"):
+        with pytest.raises(InvalidRequestError):
+            split_lora(bad)
+    assert sampler({"sampler_name": "DPM++ 2M", "scheduler": "automatic"}) == "dpmpp_2m_karras"
+    assert sampler({"sampler_name": "DPM++ 2M Karras"}) == "dpmpp_2m_karras"
+    assert sampler({"sampler_index": "Euler"}) == "euler"
+    assert sampler({"sampler_name": "DDIM", "sampler_index": "Euler a"}) == "ddim"  # sampler_index: ignored
+    with pytest.raises(InvalidRequestError):
+        sampler({"sampler_name": "DDIM", "scheduler": "Karras"})

@@ -102,3 +102,23 @@ def test_edits_are_img2img_and_masks_are_refused(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.edit(image=("in.png", png, "image/png"), mask=("m.png", png, "image/png"), prompt="a")
     assert e.value.param == "mask" and "masks are not supported" in e.value.message
+
+
+# -- without a server ----------------------------------------------------------------------------
+
+
+def test_public_url_and_the_disk_cap(tmp_path):
+    from types import SimpleNamespace
+
+    from service.openai_api import _sweep, public_base
+    from spo_runtime.settings import Settings
+
+    svc = SimpleNamespace(settings=Settings.from_env({"SPO_PUBLIC_URL": "https://images.example.com/spo/"}))
+    assert public_base(svc, None) == "https://images.example.com/spo"
+    now = time.time()
+    for i, age in enumerate([10, 20, 30, 4000]):  # the last one is past the TTL
+        p = tmp_path / f"{i:032x}"
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (now - age, now - age))
+    _sweep(tmp_path, ttl=3600, cap_bytes=2000)  # the oldest live one goes to fit the cap
+    assert sorted(p.name[-1] for p in tmp_path.iterdir()) == ["0", "1"]
