@@ -131,14 +131,15 @@ def _load_sdxl(settings: Settings, dtype: torch.dtype) -> dict:
 
 
 def _hub_file(repo: str, filename: str) -> str:
+    var = "SPO_SPM" if "preference" in filename else "SPO_LORA"
     try:
         from huggingface_hub import hf_hub_download
 
         return hf_hub_download(repo, filename)
     except Exception as e:  # offline, gated, missing
         raise ModelLoadError(
-            f"SPO_LORA: could not fetch {repo}/{filename} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            "set SPO_LORA to a local .safetensors file"
+            f"{var}: could not fetch {repo}/{filename} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            f"set {var} to a local {'.safetensors or .bin' if var == 'SPO_SPM' else '.safetensors'} file"
         ) from e
 
 

@@ -36,6 +36,7 @@ from .errors import InvalidRequestError, SpoError
 from .fsutil import atomic_write, fsync_dir, write_json_atomic
 from .lora_format import LoraFile, LoraModuleWeights, module_specs, save_lora_file
 from .models import SpoPipeline
+from .preference import default_spm_path
 from .requests import validation_error
 from .sampler import ddim_step, ddim_transition_logprob, make_schedule
 
@@ -86,7 +87,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     # scoring
     scorer: Literal["spm", "brightness", "darkness"] = "spm"
-    spm_path: str | None = None  # SPM checkpoint (.safetensors, or .bin read with weights_only)
+    # SPM checkpoint (.safetensors, or .bin read with weights_only); default: SPO_SPM
+    spm_path: str | None = Field(default_factory=default_spm_path)
     # bookkeeping
     checkpoint_every: int = Field(10, ge=1)  # rounds
     keep_checkpoints: int = Field(2, ge=1)
