@@ -194,7 +194,46 @@ def declare_responses(doc: dict, routes: dict[str, tuple[list[str], type[BaseMod
                                   "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                           **{str(code): {**error, "description": text} for code, text in ERROR_STATUSES.items()}},
         }}
+    doc["paths"].update(_compat_paths())
     return _openapi30(doc)
+
+
+def _compat_paths() -> dict:
+    """The OpenAI Images API and AUTOMATIC1111 routes (service/openai_api.py, service/a1111.py), declared
+    briefly: their bodies are those APIs' own; errors have each API's shape."""
+    obj = {"type": "object", "additionalProperties": True}
+    oa_err = {"description": "OpenAI's error shape", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "object", "properties": {
+            k: {"type": "string", "nullable": True} for k in ("message", "type", "param", "code")}}}}}}}
+    a1_err = {"description": "A1111's error shape (error, detail, body, errors) and the field",
+              "content": {"application/json": {"schema": obj}}}
+
+    def op(summary: str, tag: str, body: str | None = None, ok: str = "application/json", params=None) -> dict:
+        out = {"summary": summary, "tags": [tag],
+               "responses": {"200": {"description": "Success", "content": {ok: {"schema": obj if ok.endswith("json")
+                                                                                    else {"type": "string", "format": "binary"}}}},
+                             "default": oa_err if tag == "OpenAI" else a1_err}}
+        if body:
+            out["requestBody"] = {"required": True, "content": {body: {"schema": obj}}}
+        if params:
+            out["parameters"] = params
+        return out
+
+    file_id = [{"name": "file_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]
+    return {
+        "/v1/images/generations": {"post": op("OpenAI Images API: text to image (n, size, response_format b64_json | url)",
+                                              "OpenAI", "application/json")},
+        "/v1/images/edits": {"post": op("OpenAI Images API: image edit as img2img at strength 0.75 (masks refused)",
+                                        "OpenAI", "multipart/form-data")},
+        "/v1/images/files/{file_id}": {"get": op("A `url` result, for SPO_IMAGE_TTL_S", "OpenAI", ok="image/png",
+                                                 params=file_id)},
+        "/v1/models": {"get": op("The served model", "OpenAI")},
+        "/sdapi/v1/txt2img": {"post": op("A1111 txt2img; <lora:NAME:SCALE> in the prompt", "A1111", "application/json")},
+        "/sdapi/v1/img2img": {"post": op("A1111 img2img (init_images, denoising_strength)", "A1111", "application/json")},
+        **{f"/sdapi/v1/{name}": {"get": op(f"A1111 {name}", "A1111")}
+           for name in ("sd-models", "samplers", "schedulers", "loras", "options", "scripts", "progress")},
+        "/sdapi/v1/interrupt": {"post": op("A1111 interrupt: cancels the oldest running request (admin token)", "A1111")},
+    }
 
 
 def _openapi30(node):

@@ -55,6 +55,8 @@ def test_generations_n_size_and_the_served_model(server, client):
     direct = generate(server, prompt="a red fox", seed=12, width=64, height=32, **FAST)  # the second image's seed
     assert np.abs(pixels(images[1]) - pixels(direct)).max() <= 1
     assert [m.id for m in client.models.list()] == ["tiny"]
+    paths = httpx.get(server.url + "/docs.json", timeout=30).json()["paths"]
+    assert {"/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/progress"} <= set(paths)
 
 
 def test_bad_size_and_other_errors_in_openais_shape(server, client):
