@@ -390,8 +390,8 @@ class SpoPipeline:
 
     def _forget_embeddings(self, adapter: str) -> None:
         """Drop cached prompt embeddings computed with `adapter`'s text-encoder layers."""
-        for key in [k for k in self._cache if isinstance(k, tuple) and k[1] == adapter]:
-            del self._cache[key]
+        for key in [k for k in list(self._cache) if isinstance(k, tuple) and k[1] == adapter]:
+            self._cache.pop(key, None)
 
     def unload_adapter(self, name: str) -> None:
         self.registry.unload(name)
