@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidRequestError, SpoError
+from .faults import NONE as NO_FAULTS, Faults
 from .fsutil import atomic_write, fsync_dir, write_json_atomic
 from .lora_format import LoraFile, LoraModuleWeights, module_specs, save_lora_file
-from .models import SpoPipeline
+from .models import SpoPipeline, file_sha256
 from .preference import default_spm_path
 from .requests import validation_error
 from .sampler import ddim_step, ddim_transition_logprob, make_schedule
@@ -156,15 +157,25 @@ class JobCancelled(SpoError):
     """The job was asked to stop at a round boundary."""
 
 
+class CheckpointWriteError(SpoError, OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is left intact."""
+
+
+class CheckpointCorruptError(SpoError):
+    """The checkpoint a job would resume from is damaged or incomplete; the job cannot resume from it."""
+
+
 class SPOTrainer:
     """Runs SPO rounds on a pipeline (its own UNet copy, unfused), writing checkpoints to `out_dir`."""
 
     def __init__(self, pipe: SpoPipeline, config: TrainConfig, prompts: list[str], out_dir: str | Path,
-                 scorer: Callable | None = None, start_adapter: str | Path | None = None, spm_tokenizer=None):
+                 scorer: Callable | None = None, start_adapter: str | Path | None = None, spm_tokenizer=None,
+                 faults: Faults = NO_FAULTS):
         if not prompts:
             raise InvalidRequestError("prompts", "must hold at least one prompt")
         self.pipe = pipe
         self.cfg = config
+        self.faults = faults  # SPO_FAULTS (tests only): enospc_checkpoint
         self.prompts = list(prompts)
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -417,27 +428,44 @@ class SPOTrainer:
     # -- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/round-N/ written as a temp dir then renamed; `latest.json` replaced atomically."""
+        """checkpoints/round-N/ written as a temp dir then renamed; `latest.json` replaced atomically.
+
+        If anything fails part-way (a full disk), the temp dir is removed and CheckpointWriteError
+        says so: `latest.json` still names the previous checkpoint, whose files were not touched."""
         root = self.out / "checkpoints"
         final = root / f"round-{self.round:06d}"
         tmp = root / f".round-{self.round:06d}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        modules = self.lora_modules()
-        meta = {"config": self.cfg.model_dump_json(), "round": str(self.round)}
-        hashes = {
-            "diffusers": save_lora_file(tmp / "lora_diffusers.safetensors", modules, "diffusers", metadata=meta),
-            "webui": save_lora_file(tmp / "lora_webui.safetensors", modules, "webui", metadata=meta),
-        }
-        state = {
-            "optimizer": self.opt.state_dict(),
-            "torch_rng": self.gen.get_state(),
-            "round": self.round,
-            "position": self.position,
-        }
-        atomic_write(tmp / CHECKPOINT, lambda fh: torch.save(state, fh))
-        atomic_write(tmp / "config.json", self.cfg.model_dump_json(indent=2).encode())
-        atomic_write(tmp / "hashes.json", json.dumps(hashes).encode())
+        try:
+            tmp.mkdir(parents=True)
+            modules = self.lora_modules()
+            meta = {"config": self.cfg.model_dump_json(), "round": str(self.round)}
+            hashes = {
+                "diffusers": save_lora_file(tmp / "lora_diffusers.safetensors", modules, "diffusers", metadata=meta),
+                "webui": save_lora_file(tmp / "lora_webui.safetensors", modules, "webui", metadata=meta),
+            }
+            state = {
+                "optimizer": self.opt.state_dict(),
+                "torch_rng": self.gen.get_state(),
+                "round": self.round,
+                "position": self.position,
+            }
+
+            def write_state(fh):
+                self.faults.checkpoint_write(self.round, fh)
+                torch.save(state, fh)
+
+            atomic_write(tmp / CHECKPOINT, write_state)
+            hashes["checkpoint"] = file_sha256(tmp / CHECKPOINT)
+            atomic_write(tmp / "config.json", self.cfg.model_dump_json(indent=2).encode())
+            atomic_write(tmp / "hashes.json", json.dumps(hashes).encode())
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self._latest_name()
+            raise CheckpointWriteError(
+                f"writing the checkpoint of round {self.round} failed ({e.strerror or e}); "
+                + (f"the previous checkpoint ({previous}) is intact" if previous else "there is no earlier checkpoint")
+            ) from e
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
@@ -446,29 +474,58 @@ class SPOTrainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def _latest_name(self) -> str | None:
+        try:
+            return json.loads((self.out / "checkpoints" / "latest.json").read_text())["dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def load_checkpoint(self) -> bool:
-        """Resume from checkpoints/latest.json if present; returns whether it resumed."""
-        latest = self.out / "checkpoints" / "latest.json"
+        """Resume from checkpoints/latest.json if present; returns whether it resumed. A damaged or
+        incomplete checkpoint (unreadable files, bytes that differ from the recorded sha256, missing
+        tensors or state) raises CheckpointCorruptError naming the file and the problem."""
+        root = self.out / "checkpoints"
+        latest = root / "latest.json"
         if not latest.exists():
             return False
-        d = self.out / "checkpoints" / json.loads(latest.read_text())["dir"]
+        try:
+            rec = json.loads(latest.read_text())
+            d = root / rec["dir"]
+            hashes = rec.get("hashes") or {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise self._corrupt(latest, f"unreadable ({type(e).__name__}: {e})") from None
+        files = {"diffusers": d / "lora_diffusers.safetensors", "webui": d / "lora_webui.safetensors", "checkpoint": d / CHECKPOINT}
+        for key, path in files.items():
+            if key in hashes and path.exists() and file_sha256(path) != hashes[key]:
+                raise self._corrupt(path, "its sha256 differs from the one recorded when it was written")
         from safetensors.torch import load_file
 
-        sd = load_file(str(d / "lora_diffusers.safetensors"))
-        with torch.no_grad():
-            for m, down, up in self.pipe.registry.tensors(TRAIN):
-                down.copy_(sd[f"unet.{m}.lora.down.weight"])
-                up.copy_(sd[f"unet.{m}.lora.up.weight"])
-        path = d / CHECKPOINT
-        if not path.exists():
+        try:
+            sd = load_file(str(files["diffusers"]))
+            with torch.no_grad():
+                for m, down, up in self.pipe.registry.tensors(TRAIN):
+                    down.copy_(sd[f"unet.{m}.lora.down.weight"])
+                    up.copy_(sd[f"unet.{m}.lora.up.weight"])
+        except Exception as e:
+            raise self._corrupt(files["diffusers"], f"{type(e).__name__}: {e}") from None
+        path = files["checkpoint"]
+        if not path.exists() and (d / OLD_CHECKPOINT).exists():
             path = d / OLD_CHECKPOINT  # written before the rename
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["torch_rng"])
-        self.round, self.position = int(state["round"]), int(state["position"])
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            self.opt.load_state_dict(state["optimizer"])
+            self.gen.set_state(state["torch_rng"])
+            self.round, self.position = int(state["round"]), int(state["position"])
+        except Exception as e:
+            raise self._corrupt(path, f"{type(e).__name__}: {e}") from None
         self.resumed_from = self.round
         log.info("resumed from %s (round %d)", d, self.round)
         return True
+
+    def _corrupt(self, path: Path, problem: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"cannot resume from the checkpoint: {path} is damaged: {problem}. "
+            f"Delete {self.out / 'checkpoints'} to train again from round 0")
 
     def export(self, adapter_dir: Path, name: str) -> dict:
         """Write the trained adapter to `adapter_dir` in both layouts; returns relative paths and hashes."""
@@ -511,8 +568,9 @@ def build_trainer(config: TrainConfig, prompts: list[str], out_dir: str | Path,
     from .settings import Settings
 
     dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(config.mixed_precision)  # "no": the preset's dtype
-    pipe = load_pipeline(Settings.from_env(lora_fuse=False, dtype=dtype))
-    trainer = SPOTrainer(pipe, config, prompts, out_dir, start_adapter=start_adapter)
+    settings = Settings.from_env(lora_fuse=False, dtype=dtype)
+    pipe = load_pipeline(settings)
+    trainer = SPOTrainer(pipe, config, prompts, out_dir, start_adapter=start_adapter, faults=settings.fault_plan)
     if resume:
         trainer.load_checkpoint()
     return trainer
