@@ -47,37 +47,11 @@ def a1_error(status: int, message: str, field: str | None = None, headers=None) 
                         status_code=status, headers=headers)
 
 
-def _a1111_shape(status: int, raw: bytes) -> bytes:
-    try:
-        data = json.loads(raw) if raw else None
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and {"error", "detail", "errors"} <= set(data) and isinstance(data["detail"], str):
-        return raw
-    body = errors.ours(status, raw)
-    loc = body["detail"][0]["loc"] if body["detail"] else []
-    return a1_error(status, body["error"], str(loc[0]) if loc else None).body
-
-
-errors.ERROR_SHAPES["/sdapi/"] = _a1111_shape
-
-
-# our request model's names -> the A1111 field a client sent
+# our request model's names -> the A1111 field a client sent (a <lora:...> tag lives in the prompt)
 FIELDS = {"guidance_scale": "cfg_scale", "num_inference_steps": "steps", "strength": "denoising_strength",
           "init_image": "init_images", "lora_scale": "prompt", "adapter": "prompt"}
-
-
-def from_exception(e: BaseException) -> JSONResponse:
-    ours = errors.map_error(e)
-    body = json.loads(ours.body)
-    loc = body["detail"][0]["loc"] if body["detail"] else []
-    field, message = (str(loc[0]) if loc else None), body["error"]
-    if field in FIELDS:
-        where = "<lora:...> " if FIELDS[field] == "prompt" else ""
-        message = f"{FIELDS[field]}: {where}{message.removeprefix(field + ': ')}"
-        field = FIELDS[field]
-    retry = {k: v for k, v in ours.headers.items() if k.lower() == "retry-after"}
-    return a1_error(ours.status_code, message, field, retry)
+from_exception = errors.foreign_shape(
+    "/sdapi/", a1_error, lambda d: {"error", "detail", "errors"} <= set(d) and isinstance(d["detail"], str), FIELDS)
 
 
 def unauthorized() -> JSONResponse:
@@ -206,7 +180,7 @@ def parse(body: dict, svc, img2img: bool) -> dict:
         raise InvalidRequestError("seed", f"must be -1 (random) or in 0..{MAX_SEED}, got {seed}")
     scheduler = sampler(body)
     eta = _number(body, "eta", None)
-    lo, hi, default = svc.pipe.preset.size_range[0], svc.pipe.preset.size_range[1], svc.pipe.preset.default_size
+    default = svc.pipe.preset.default_size
     request = {
         "prompt": text, "negative_prompt": negative if negative is not None else "",
         "num_inference_steps": _number(body, "steps", 20, True), "guidance_scale": _number(body, "cfg_scale", 7.0),
@@ -408,16 +382,13 @@ async def scripts(svc, request):
 
 
 def _oldest(engine):
-    """The oldest running request: (RequestState, submission) or None (the engine's own lock held briefly)."""
-    with engine._cv:
-        rows = [s for g in engine._running.values() for s in g]
-        if not rows:
-            return None
-        s = min(rows, key=lambda s: (s.tag[0].seq, s.tag[1]))
-        sub = s.tag[0]
-        return {"step": s.row.step, "steps": s.row.schedule.num_steps, "sub": sub,
-                "count": len(sub.requests), "index": s.tag[1], "ewma": engine._step_ewma or 0.0,
-                "t": sub.t_submit}
+    """The oldest running request, as the progress route reports it, or None."""
+    o = engine.oldest_running()
+    if o is None:
+        return None
+    sub = o.submission
+    return {"step": o.step, "steps": o.steps, "sub": sub, "count": len(sub.requests), "index": o.index,
+            "ewma": o.step_seconds, "t": sub.t_submit}
 
 
 async def progress(svc, request):

@@ -29,6 +29,38 @@ def ours(status: int, raw: bytes) -> dict:
     return json.loads(_reshape(status, raw))
 
 
+def foreign_shape(prefix: str, make: Callable[..., JSONResponse], is_own: Callable[[dict], bool],
+                  renames: dict[str, str] | None = None):
+    """Error answers under `prefix` in another API's shape: `make(status, message, field, headers)` builds
+    one, `is_own(body)` recognises a body already in it. Registers the door's rewrite for the prefix and
+    returns `from_exception(e)`: spo_runtime's typed errors (mapped once, by map_error) in that shape, our
+    field names replaced by the client's (`renames`: ours -> theirs, e.g. guidance_scale -> cfg_scale)."""
+
+    def fields(status: int, body: dict) -> tuple[str, str | None]:
+        loc = body["detail"][0]["loc"] if body["detail"] else []
+        return body["error"], (str(loc[0]) if loc else None)
+
+    def shape(status: int, raw: bytes) -> bytes:
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and is_own(data):
+            return raw
+        return make(status, *fields(status, ours(status, raw)), None).body
+
+    def from_exception(e: BaseException) -> JSONResponse:
+        resp = map_error(e)
+        message, field = fields(resp.status_code, json.loads(resp.body))
+        if field in (renames or {}):
+            message, field = f"{renames[field]}: {message.removeprefix(field + ': ')}", renames[field]
+        retry = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
+        return make(resp.status_code, message, field, retry or None)
+
+    ERROR_SHAPES[prefix] = shape
+    return from_exception
+
+
 def error_body(status: int, message: str, field: str | None = None, errors: list[tuple[str, str]] | None = None,
                kind: str = "value_error") -> dict:
     """{"error", "status", "detail": [{"loc", "msg", "type"}]}: the one error shape."""

@@ -22,7 +22,6 @@ import binascii
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import time
@@ -35,6 +34,7 @@ from starlette.routing import Route
 
 from service import errors
 from spo_runtime.errors import InvalidRequestError
+from spo_runtime.fsutil import atomic_write
 from spo_runtime.requests import DEFAULT_STRENGTH, MAX_SEED
 
 log = logging.getLogger("spo_serve")
@@ -132,35 +132,10 @@ def oa_error(status: int, message: str, param: str | None = None, code: str | No
                         status_code=status, headers=headers)
 
 
-def _openai_shape(status: int, raw: bytes) -> bytes:
-    """Any error answer of a /v1/ path in OpenAI's shape (the door middleware's hook)."""
-    try:
-        data = json.loads(raw) if raw else None
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
-        return raw
-    body = errors.ours(status, raw)
-    loc = body["detail"][0]["loc"] if body["detail"] else []
-    return oa_error(status, body["error"], str(loc[0]) if loc else None).body
-
-
-errors.ERROR_SHAPES["/v1/"] = _openai_shape
-
-
-def from_exception(e: BaseException) -> JSONResponse:
-    """spo_runtime's typed errors (mapped once, in service.errors) in OpenAI's shape, headers kept."""
-    ours = errors.map_error(e)
-    body = json.loads(ours.body)
-    loc = body["detail"][0]["loc"] if body["detail"] else []
-    param, message = (str(loc[0]) if loc else None), body["error"]
-    if param in FIELDS:  # our request model's name -> the parameter the client sent
-        message, param = f"{FIELDS[param]}: {message.removeprefix(param + ': ')}", FIELDS[param]
-    retry = {k: v for k, v in ours.headers.items() if k.lower() == "retry-after"}
-    return oa_error(ours.status_code, message, param, headers=retry)
-
-
-FIELDS = {"width": "size", "height": "size", "init_image": "image"}
+FIELDS = {"width": "size", "height": "size", "init_image": "image"}  # our request model's names -> OpenAI's
+from_exception = errors.foreign_shape(
+    "/v1/", lambda status, message, param, headers: oa_error(status, message, param, headers=headers),
+    lambda d: isinstance(d.get("error"), dict) and "message" in d["error"], FIELDS)
 
 
 def unauthorized() -> JSONResponse:
@@ -266,9 +241,7 @@ def store(svc, data: bytes) -> str:
     cap = svc.settings.image_cache_mb * 1024 * 1024
     _sweep(root, svc.settings.image_ttl_s, max(0.0, cap - len(data)))
     file_id = secrets.token_hex(16)
-    tmp = root / f".{file_id}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, root / file_id)
+    atomic_write(root / file_id, data)
     return file_id
 
 

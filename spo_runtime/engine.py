@@ -128,6 +128,18 @@ class Progress:
     latents: torch.Tensor | None = None  # (1, C, h, w) on the CPU, when the submission asked for previews
 
 
+@dataclass(frozen=True)
+class RunningImage:
+    """A snapshot of one running image (`Engine.oldest_running`)."""
+
+    submission: Submission  # `.cancel()` makes it leave at the next step boundary
+    index: int
+    step: int
+    steps: int
+    start: int  # an img2img row starts past 0
+    step_seconds: float  # the recent step time (EWMA)
+
+
 Slot = tuple[Submission, int]  # one image of a submission: (submission, index in its requests)
 
 
@@ -332,6 +344,16 @@ class Engine:
         """The LoRA scales of every running row (e.g. to refuse unloading an adapter in use)."""
         with self._cv:
             return [dict(s.scales) for g in self._running.values() for s in g]
+
+    def oldest_running(self) -> RunningImage | None:
+        """The running image submitted first (what a single-queue client's progress bar shows), or None."""
+        with self._cv:
+            rows = [s for g in self._running.values() for s in g]
+            if not rows:
+                return None
+            s = min(rows, key=lambda s: (s.tag[0].seq, s.tag[1]))
+            return RunningImage(s.tag[0], s.tag[1], s.row.step, s.row.schedule.num_steps, s.row.start,
+                                self._step_ewma or 0.0)
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely to free: the soonest-finishing running row's remaining steps."""
