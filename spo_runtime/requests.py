@@ -8,7 +8,6 @@ import binascii
 import enum
 import functools
 import io
-import math
 import re
 import time
 from dataclasses import dataclass, field

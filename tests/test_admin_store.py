@@ -4,7 +4,6 @@ import json
 import multiprocessing
 import os
 import threading
-from pathlib import Path
 
 import pytest
 

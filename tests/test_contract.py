@@ -133,7 +133,10 @@ def test_malformed_json_is_400_naming_the_body(server, data):
 def test_framework_errors_have_the_same_shape(server):
     assert_error(httpx.get(server.url + "/no/such/route", timeout=10), 404, None)
     assert_error(httpx.get(server.url + "/generate", timeout=10), 405, None)
-    assert_error(post(server, "/admin/lora_scale", json={"scale": "1"}), 400, "scale")
+    assert_error(post(server, "/admin/lora_scale", json={"scale": "1"}), 401, "authorization")  # closed by default
+    token = (Path(server.env["SPO_DATA_DIR"]) / "admin_token").read_text().strip()
+    assert_error(post(server, "/admin/lora_scale", json={"scale": "1"}, headers={"Authorization": f"Bearer {token}"}),
+                 400, "scale")
 
 
 def test_valid_request_still_answers_the_image(server):
