@@ -4,7 +4,7 @@ the adapters loaded from SPO_ADAPTER_DIR, in SPO_DATA_DIR/admin_state.json (`Adm
 A worker that takes an admin call applies it, then records it in the store (atomic replace under a
 file lock); every worker converges to the recorded settings at its next step boundary
 (`AdminSync.poll`, run by the engine thread) and reports what it applied in
-SPO_DATA_DIR/workers/<pid>.json.
+SPO_DATA_DIR/workers/<host>.<pid>.json.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from .fsutil import fsync_dir, write_json_atomic
 from .models import file_sha256
 
 log = logging.getLogger("spo_runtime.state")
+_HOST = socket.gethostname()
 
 # default_lora_scale / default_adapter are present only once an admin set them
 EMPTY: dict[str, Any] = {"version": 0, "adapters": {}, "removed": []}
@@ -242,9 +244,11 @@ class AdminSync:
             self.on_change()
 
     def report(self) -> None:
+        # keyed by host and pid: pods that share SPO_DATA_DIR have small pids that collide
         write_json_atomic(
-            self.store.data_dir / "workers" / f"{os.getpid()}.json",
+            self.store.data_dir / "workers" / f"{_HOST}.{os.getpid()}.json",
             {
+                "host": _HOST,
                 "pid": os.getpid(),
                 "applied_version": self.applied_version,
                 "default_lora_scale": self.pipe.default_lora_scale,
@@ -256,9 +260,10 @@ class AdminSync:
         )
 
     def workers(self) -> list[dict]:
-        """Every live worker's applied state (reports of dead processes are skipped)."""
+        """Every live worker of this host: its applied state (reports of dead processes and of other hosts
+        sharing SPO_DATA_DIR are skipped)."""
         out = []
-        for f in sorted((self.store.data_dir / "workers").glob("*.json")):
+        for f in sorted((self.store.data_dir / "workers").glob(f"{_HOST}.*.json")):
             try:
                 rec = json.loads(f.read_text())
                 os.kill(int(rec["pid"]), 0)

@@ -45,6 +45,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "SPO_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true", **env}
         self.log_path = Path(log_path)
+        # a BENTOML_HOME of its own: each `bentoml serve` empties its home's Prometheus multiprocess
+        # directory at start, so servers sharing one would reset each other's metrics
+        self.env.setdefault("BENTOML_HOME", str(self.log_path.parent / f".bentoml-home-{self.port}"))
         self.log = None
         self.proc: subprocess.Popen | None = None
         self.ready_history: list[int] = []
