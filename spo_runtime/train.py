@@ -206,7 +206,8 @@ class SPOTrainer:
     # -- setup -------------------------------------------------------------------------------
 
     def _default_scorer(self, tokenizer):
-        from .preference import BrightnessScorer, SpmScorer, build_spm, load_spm_weights, spm_config, StepAwarePreferenceModel
+        from .preference import (BrightnessScorer, SpmScorer, StepAwarePreferenceModel, build_spm, load_spm_tokenizer,
+                                 load_spm_weights, spm_config)
 
         if self.cfg.scorer == "brightness":
             return BrightnessScorer(+1)
@@ -225,10 +226,8 @@ class SPOTrainer:
             if tokenizer is None:
                 if preset == "sdxl-random":
                     tokenizer = self.pipe.tokenizers[0]
-                else:
-                    from transformers import CLIPTokenizer
-
-                    tokenizer = CLIPTokenizer.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+                else:  # SPO_SPM_TOKENIZER (offline), else the hub's; the error names the variable
+                    tokenizer = load_spm_tokenizer(self.pipe.settings.spm_tokenizer)
         if self.cfg.spm_path:
             load_spm_weights(model, self.cfg.spm_path)
         elif preset == "sdxl-spo":
