@@ -39,7 +39,7 @@ from .errors import InvalidRequestError, SpoError, is_oom
 from .faults import NONE, Faults, InjectedFault
 from .metrics import Metrics, default_metrics
 from .models import SpoPipeline
-from .requests import GeneratedImage, GenerationRequest, RequestState, Status
+from .requests import GeneratedImage, GenerationRequest, ActiveRequest, Status
 
 log = logging.getLogger("spo_runtime.engine")
 
@@ -149,7 +149,7 @@ class StepPlan:
 
     size: Size | None  # the group that runs (None: nothing to run)
     admit: tuple[Slot, ...] = ()  # waiting images that join the group on this step, FIFO
-    running: tuple[RequestState, ...] = ()  # the group's rows before the admitted ones join
+    running: tuple[ActiveRequest, ...] = ()  # the group's rows before the admitted ones join
     drop: tuple[tuple[Submission, BaseException], ...] = ()  # submissions that leave, and why
 
     @property
@@ -161,10 +161,10 @@ class StepPlan:
 class StepResult:
     """What `run(plan)` computed; `update(plan, result)` applies it."""
 
-    admitted: tuple[RequestState, ...] = ()  # prepared rows of plan.admit (tag = their slot)
+    admitted: tuple[ActiveRequest, ...] = ()  # prepared rows of plan.admit (tag = their slot)
     rejected: tuple[tuple[Submission, BaseException], ...] = ()  # submissions whose preparation failed
-    failed: tuple[tuple[RequestState, BaseException], ...] = ()  # rows whose step failed
-    finished: tuple[tuple[RequestState, GeneratedImage | BaseException], ...] = ()  # done rows: image or decode error
+    failed: tuple[tuple[ActiveRequest, BaseException], ...] = ()  # rows whose step failed
+    finished: tuple[tuple[ActiveRequest, GeneratedImage | BaseException], ...] = ()  # done rows: image or decode error
     step_seconds: float | None = None  # None: no UNet call ran
     batch_size: int = 0
 
@@ -188,7 +188,7 @@ class Engine:
         # everything below is read and written under self._cv
         self._waiting: collections.deque[Slot] = collections.deque()
         self._admitting = 0  # slots of _waiting the step in flight admits: no longer counted as waiting
-        self._running: dict[Size, tuple[RequestState, ...]] = {}
+        self._running: dict[Size, tuple[ActiveRequest, ...]] = {}
         self._served: dict[Size, int] = {}  # size -> the iteration that last ran it
         self._iteration = 0
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
@@ -448,7 +448,7 @@ class Engine:
         now = self._clock()
         with self._cv:
             drop: dict[Submission, BaseException] = {}
-            alive: dict[Size, tuple[RequestState, ...]] = {}
+            alive: dict[Size, tuple[ActiveRequest, ...]] = {}
             waiting: list[Slot] = []
             for sub, i in self._waiting:
                 if self._leaves(sub, now, drop) is None:
@@ -511,7 +511,7 @@ class Engine:
         done = [s for s in rows if id(s) not in gone and s.row.done]
         return StepResult(admitted, rejected, failed, self._decode(done), dt, len(rows))
 
-    def _prepare(self, admit: tuple[Slot, ...]) -> tuple[tuple[RequestState, ...], tuple[tuple[Submission, BaseException], ...]]:
+    def _prepare(self, admit: tuple[Slot, ...]) -> tuple[tuple[ActiveRequest, ...], tuple[tuple[Submission, BaseException], ...]]:
         """Prepare every admitted image in one call (one batched text encoding). If that fails (e.g. an
         adapter was unloaded while a request waited), prepare submission by submission so only the
         offending submission fails."""
@@ -542,7 +542,7 @@ class Engine:
             s.timings["queue_ms"] = (now - sub.t_submit) * 1e3
         return tuple(s for _, s in prepared), tuple(rejected)
 
-    def _denoise(self, states: list[RequestState], step: list[RequestState] | None = None) -> list[tuple[RequestState, BaseException]]:
+    def _denoise(self, states: list[ActiveRequest], step: list[ActiveRequest] | None = None) -> list[tuple[ActiveRequest, BaseException]]:
         """One step; on out-of-memory retry with the batch split in half before failing anything.
         Returns the rows that failed, with their error. `step`: the whole step's rows (for SPO_FAULTS)."""
         step = states if step is None else step
@@ -564,7 +564,7 @@ class Engine:
             )
             return [(s, err) for s in states]
 
-    def _decode(self, states: list[RequestState]) -> tuple[tuple[RequestState, GeneratedImage | BaseException], ...]:
+    def _decode(self, states: list[ActiveRequest]) -> tuple[tuple[ActiveRequest, GeneratedImage | BaseException], ...]:
         """Decode finished rows together; a decode that raises fails those rows only."""
         if not states:
             return ()
@@ -666,7 +666,7 @@ class Engine:
             notes.append((sub.progress, Progress(index, i, n, max(0.0, (n - i) * (self._step_ewma or 0.0)), lat)))
         return notes
 
-    def _set_group(self, size: Size, rows: tuple[RequestState, ...]) -> None:
+    def _set_group(self, size: Size, rows: tuple[ActiveRequest, ...]) -> None:
         if rows:
             self._running[size] = rows
         else:

@@ -25,8 +25,8 @@ from . import tiny
 from .errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError, NonFiniteError
 from .lora import LoraRegistry
 from .lora_format import LoraFile, LoraModuleWeights, lora_state_dict, save_lora_file
-from .requests import MAX_SEED, GeneratedImage, GenerationRequest, RequestState, Status
-from .sampler import (SDXL_SCHEDULER_CONFIG, NoiseSchedule, RowState, add_noise, img2img_start, initial_noise, make_schedule,
+from .requests import MAX_SEED, GeneratedImage, GenerationRequest, ActiveRequest, Status
+from .sampler import (SDXL_SCHEDULER_CONFIG, NoiseSchedule, SamplerRow, add_noise, img2img_start, initial_noise, make_schedule,
                       model_inputs, step_rows)
 from .settings import Settings
 
@@ -416,7 +416,7 @@ class SpoPipeline:
     def parse(self, request: GenerationRequest | dict) -> GenerationRequest:
         return GenerationRequest.parse(request, size_range=self.preset.size_range)
 
-    def prepare(self, requests: list[GenerationRequest | dict]) -> list[RequestState]:
+    def prepare(self, requests: list[GenerationRequest | dict]) -> list[ActiveRequest]:
         """Validate, resolve defaults (seed, size, adapter, scale), encode prompts (one batched call
         for the uncached ones) and draw each request's initial noise from its own generator."""
         states = []
@@ -428,14 +428,14 @@ class SpoPipeline:
             width, height = self._size(req)
             seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
             generator = torch.Generator("cpu").manual_seed(seed)
-            row = RowState(make_schedule(req.scheduler, req.num_inference_steps, self.noise), generator, eta=req.eta)
+            row = SamplerRow(make_schedule(req.scheduler, req.num_inference_steps, self.noise), generator, eta=req.eta)
             if req.init_image is not None:
                 latents = self._img2img_latents(req, row, width, height)
             else:
                 shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
                 latents = initial_noise(generator, shape, self.dtype, self.device) * row.schedule.init_noise_sigma
             states.append(
-                RequestState(
+                ActiveRequest(
                     request=req, seed=seed, width=width, height=height, adapter=adapter,
                     lora_scale=req.lora_scale if req.lora_scale is not None else self.default_lora_scale,
                     row=row, latents=latents,
@@ -458,7 +458,7 @@ class SpoPipeline:
         return width, height
 
     @torch.inference_mode()
-    def _img2img_latents(self, req: GenerationRequest, row: RowState, width: int, height: int) -> torch.Tensor:
+    def _img2img_latents(self, req: GenerationRequest, row: SamplerRow, width: int, height: int) -> torch.Tensor:
         """The starting latent of an img2img row, as diffusers' SDXL img2img pipeline makes it for the same
         seed: the image resized (Lanczos) to the output size, scaled to [-1, 1], VAE-encoded with a sample
         of the posterior drawn from the row's generator, scaled, then noised (a second draw) to the level of
@@ -483,7 +483,7 @@ class SpoPipeline:
         noise = initial_noise(row.generator, tuple(z.shape[1:]), self.dtype, self.device)
         return add_noise(row.schedule, row.step, z, noise)
 
-    def _text_key(self, text: str, s: RequestState) -> str | tuple:
+    def _text_key(self, text: str, s: ActiveRequest) -> str | tuple:
         """Cache key of `text` encoded for row `s`: the text alone, or with the adapter (name, sha256) and
         scale when the row's adapter has text-encoder layers and a non-zero scale."""
         a = s.adapter
@@ -492,7 +492,7 @@ class SpoPipeline:
         return (text, a, self.registry.get(a).sha256, float(s.lora_scale))
 
     @torch.inference_mode()
-    def encode(self, states: list[RequestState]) -> None:
+    def encode(self, states: list[ActiveRequest]) -> None:
         """Attach prompt (and, with CFG, negative) embeddings to each state. An adapter's text-encoder
         layers run at the row's LoRA scale (as diffusers' `set_adapters` scales them); one batched call
         per encoder covers every uncached (prompt, adapter, scale)."""
@@ -553,7 +553,7 @@ class SpoPipeline:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def conditioning(self, states: list[RequestState]) -> dict[str, torch.Tensor]:
+    def conditioning(self, states: list[ActiveRequest]) -> dict[str, torch.Tensor]:
         """Per-row conditioning of `states`, stacked: prompt/negative embeddings, time ids, guidance."""
         def neg(s, attr, like):
             v = getattr(s, attr)
@@ -601,7 +601,7 @@ class SpoPipeline:
         return eps
 
     @torch.inference_mode()
-    def denoise(self, states: list[RequestState]) -> StepStats:
+    def denoise(self, states: list[ActiveRequest]) -> StepStats:
         """One UNet call over `states` (same latent size), each at its own step; advances every row."""
         t0 = time.perf_counter()
         rows = [s.row for s in states]
@@ -619,7 +619,7 @@ class SpoPipeline:
     # -- decoding ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(self, states: list[RequestState]) -> list[GeneratedImage | NonFiniteError]:
+    def decode(self, states: list[ActiveRequest]) -> list[GeneratedImage | NonFiniteError]:
         """VAE-decode finished rows together; a row with NaN/Inf gets a NonFiniteError, not an image."""
         if not states:
             return []

@@ -1,5 +1,5 @@
-"""What a caller asks for (`GenerationRequest`), what it gets (`GeneratedImage`), and the state a
-request carries while it runs (`RequestState`)."""
+"""What a caller asks for (`GenerationRequest`), what it gets (`GeneratedImage`), and a request
+while it runs (`ActiveRequest`: its conditioning, latent and `SamplerRow`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
 from .errors import InvalidRequestError
-from .sampler import SCHEDULERS, RowState
+from .sampler import SCHEDULERS, SamplerRow
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
@@ -286,7 +286,7 @@ class Status(enum.IntEnum):
 
 
 @dataclass
-class RequestState:
+class ActiveRequest:
     """A request while it runs: resolved parameters, conditioning, sampler row and latent."""
 
     request: GenerationRequest
@@ -295,7 +295,7 @@ class RequestState:
     height: int
     adapter: str | None
     lora_scale: float
-    row: RowState
+    row: SamplerRow
     latents: torch.Tensor  # (1, C, h, w)
     prompt_embeds: torch.Tensor | None = None  # (1, 77, D)
     pooled: torch.Tensor | None = None  # (1, P)

@@ -1,7 +1,7 @@
 """Vectorised sampler steps: every function takes one timestep (or sigma) per batch row.
 
 The state that a diffusers scheduler object keeps (step index, schedule, multistep history,
-generator) lives on each request's `RowState`, so rows at different steps, with different step
+generator) lives on each request's `SamplerRow`, so rows at different steps, with different step
 counts and schedulers, share one UNet call. The arithmetic follows diffusers' DDIMScheduler,
 EulerDiscreteScheduler and DPMSolverMultistepScheduler (dpmsolver++, midpoint, Karras sigmas)
 operation for operation, so that `tests/test_sampler.py` can hold it to them.
@@ -223,8 +223,8 @@ def dpmpp_2m_step(
 
 
 @dataclass
-class RowState:
-    """One request's sampler state: its schedule, position, generator and multistep memory."""
+class SamplerRow:
+    """One row's place in its schedule: the schedule, the step index, its generator and multistep memory."""
 
     schedule: Schedule
     generator: torch.Generator
@@ -275,7 +275,7 @@ def initial_noise(
     return torch.randn((1, *shape), generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def model_inputs(rows: list[RowState], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def model_inputs(rows: list[SamplerRow], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scaled x, per-row timesteps) for the UNet call over `rows`."""
     scale = torch.tensor([r.input_scale for r in rows], dtype=torch.float32)
     t = torch.tensor([r.timestep for r in rows], dtype=torch.float32, device=x.device)
@@ -284,7 +284,7 @@ def model_inputs(rows: list[RowState], x: torch.Tensor) -> tuple[torch.Tensor, t
     return x, t
 
 
-def step_rows(rows: list[RowState], x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def step_rows(rows: list[SamplerRow], x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Advance every row by one step of its own scheduler. Returns (x_next, x0), both (B, C, h, w).
 
     Mutates each row's step index (and DPM history). Noise for DDIM eta > 0 comes from each row's

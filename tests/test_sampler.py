@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 
 from spo_runtime.sampler import (
     SDXL_SCHEDULER_CONFIG,
-    RowState,
+    SamplerRow,
     ddim_step,
     ddim_transition_logprob,
     initial_noise,
@@ -57,7 +57,7 @@ def test_trajectory_matches_diffusers_step_by_step(kind, steps):
     g_ref = torch.Generator().manual_seed(7)
     x_ref = torch.randn((1, *shape), generator=g_ref) * ref.init_noise_sigma
 
-    row = RowState(make_schedule(kind, steps), torch.Generator().manual_seed(7))
+    row = SamplerRow(make_schedule(kind, steps), torch.Generator().manual_seed(7))
     x = initial_noise(row.generator, shape, torch.float32, "cpu") * row.schedule.init_noise_sigma
     assert torch.equal(x, x_ref)
     worst = 0.0
@@ -79,7 +79,7 @@ def test_ddim_eta1_with_shared_generator_matches_diffusers():
     ref.set_timesteps(steps)
     g_ref = torch.Generator().manual_seed(3)
     x_ref = torch.randn((1, *shape), generator=g_ref)
-    row = RowState(make_schedule("ddim", steps), torch.Generator().manual_seed(3), eta=1.0)
+    row = SamplerRow(make_schedule("ddim", steps), torch.Generator().manual_seed(3), eta=1.0)
     x = initial_noise(row.generator, shape, torch.float32, "cpu")
     for t in ref.timesteps:
         x_ref = ref.step(fake_eps(x_ref, float(t), 0), t, x_ref, eta=1.0, generator=g_ref).prev_sample
@@ -93,7 +93,7 @@ def test_mixed_batch_equals_each_row_alone():
     specs = [("ddim", 5, 0.0), ("euler", 7, 0.0), ("dpmpp_2m_karras", 6, 0.0), ("ddim", 9, 1.0), ("dpmpp_2m_karras", 3, 0.0)]
 
     def run(specs_subset, salts):
-        rows = [RowState(make_schedule(k, n), torch.Generator().manual_seed(100 + s), eta=e) for (k, n, e), s in zip(specs_subset, salts)]
+        rows = [SamplerRow(make_schedule(k, n), torch.Generator().manual_seed(100 + s), eta=e) for (k, n, e), s in zip(specs_subset, salts)]
         xs = [initial_noise(r.generator, shape, torch.float32, "cpu") * r.schedule.init_noise_sigma for r in rows]
         finals = [None] * len(rows)
         while any(not r.done for r in rows):

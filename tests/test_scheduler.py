@@ -3,7 +3,7 @@
 No thread is started and nothing sleeps: each test submits, calls `schedule()`, checks the plan field
 by field, then applies it with `run()` and `update()` and checks the engine's state. Deadlines use an
 injected clock. The fake pipeline implements only what the engine calls; its rows are real
-`RequestState`s whose sampler row is a step counter.
+`ActiveRequest`s whose sampler row is a step counter.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from spo_runtime.engine import (
     Submission,
 )
 from spo_runtime.metrics import Metrics
-from spo_runtime.requests import GeneratedImage, GenerationRequest, RequestState, Status
+from spo_runtime.requests import GeneratedImage, GenerationRequest, ActiveRequest, Status
 
 A, B = (64, 64), (96, 96)  # two image sizes (height, width)
 
@@ -88,7 +88,7 @@ class FakePipe:
             adapter = r.adapter if r.adapter is not None else self.default_adapter
             if adapter is not None and adapter not in self.registry.adapters:
                 raise AdapterNotFoundError(adapter, list(self.registry.adapters))
-            states.append(RequestState(
+            states.append(ActiveRequest(
                 request=r, seed=r.seed, width=r.width or 64, height=r.height or 64, adapter=adapter,
                 lora_scale=r.lora_scale if r.lora_scale is not None else self.default_lora_scale,
                 row=FakeRow(r.num_inference_steps), latents=torch.zeros(1), timings={"encode_ms": 2.0},
