@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 PYTEST_ARGS ?=
+# Idle OpenMP workers sleep instead of spinning: on cores shared with other busy processes, spinning
+# workers wait for a descheduled one at every parallel region and a step takes many times longer
+# (benchmarks/RESULTS.md, contention). Inherited by the server, its training jobs and the tests.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: serve test install demo load clean gpu-wheels build
 

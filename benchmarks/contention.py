@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,18 @@ def main() -> None:
                             "steps": list(workload.steps), "size": workload.size, "seed": args.seed},
                  "runs": {}}
     print(f"server logs: {workdir}", flush=True)
+
+    def on_term(signum, frame):  # a timeout's SIGTERM: stop the servers and busy processes on the way out
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def write() -> None:  # after every config, so an interrupted run keeps what it measured
+        if args.tag:
+            path = Path(args.results_dir) / f"{args.tag}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(dumps(rounded(res)) + "\n")
+
     schedule, rate = None, args.rate
     for c in configs:
         server = Server({"SPO_DATA_DIR": str(workdir / c), "SPO_MAX_QUEUE": "512", **envs[c]}, workdir / f"{c}.log")
@@ -125,6 +138,7 @@ def main() -> None:
                   f"processes {100 * q['other_cpu_share']:.0f}%); busy {b['p50_s']:.2f}/{b['p95_s']:.2f} s "
                   f"({b['errors_total']} errors, other {100 * b['other_cpu_share']:.0f}%); p95 ratio "
                   f"{out['p95_ratio']:.2f}", flush=True)
+            write()
         finally:
             stop_busy(busy)
             server.stop()
@@ -133,10 +147,8 @@ def main() -> None:
         if "busy" in out:
             print(f"{c:12s} {out['quiet']['p95_s']:8.2f} s {out['busy']['p95_s']:8.2f} s {out['p95_ratio']:7.2f}")
     if args.tag:
-        path = Path(args.results_dir) / f"{args.tag}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dumps(rounded(res)) + "\n")
-        print(f"wrote {path}")
+        write()
+        print(f"wrote {Path(args.results_dir) / f'{args.tag}.json'}")
 
 
 if __name__ == "__main__":

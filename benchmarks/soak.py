@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -379,6 +380,11 @@ def main() -> None:
     if args.url and not args.token:
         raise SystemExit("--url needs --token (or SPO_ADMIN_TOKEN)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    def on_term(signum, frame):  # a timeout's SIGTERM: stop the server on the way out
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     started = datetime.datetime.now().astimezone()
     res = run(args.duration, args.load, args.sample_s, args.warmup, args.probe_s, args.probe_clients, args.admin_every_s,
               not args.no_train, args.threads or None, args.url, args.token, args.seed, log=lambda m: print(m, flush=True))
