@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source deploy/container/lib.sh
 pick_engine
+need curl
 OUT="$BUILD_DIR/test"
 rm -rf "$OUT"; mkdir -p "$OUT"
 
