@@ -32,7 +32,7 @@ def test_locust_mix_against_the_server(tmp_path):
                "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
                "--stop-timeout", "5",  # lets in-flight requests end instead of cutting them
                "--steps", "4,8", "--batch-share", "0.2", "--batch-n", "2,3", "--wait", "0.1,0.4",
-               "--admin-token", TOKEN, "--admin-share", "0.05", "--lora-max", "1.5", "--mix-seed", "7"]
+               "--admin-token", TOKEN, "--admin-share", "0.15", "--lora-max", "1.5", "--mix-seed", "7"]
         auth = {"Authorization": f"Bearer {TOKEN}"}
         before = httpx.get(server.url + "/admin/adapters", headers=auth, timeout=10).json()["default_lora_scale"]
         child_env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}  # 127.0.0.1 direct
