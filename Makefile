@@ -24,8 +24,10 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 # SPO_MODEL=auto: sdxl-spo on a CUDA machine, the tiny demo model otherwise.
+# SPO_TORCH_THREADS=1 unless set: one intra-op thread per worker kept the open-loop p95 within 1.14x with two
+# busy processes on a 2-core host, where torch's default (a thread per core) collapsed (benchmarks/RESULTS.md).
 serve: $(STAMP)
-	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve service.service:SPOService --host 0.0.0.0 --port $(PORT)
+	BENTOML_DO_NOT_TRACK=true SPO_TORCH_THREADS=$${SPO_TORCH_THREADS:-1} $(BIN)/bentoml serve service.service:SPOService --host 0.0.0.0 --port $(PORT)
 
 build: $(STAMP)
 	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml build

@@ -156,7 +156,9 @@ def slope_per_10min(points: list[tuple[float, float]]) -> float | None:
 
 
 def growth(samples: list[dict], warmup: float) -> dict:
-    """Per quantity, after the warm-up: first, last, min, max, slope per 10 minutes (and % of first for RSS)."""
+    """Per quantity, after the warm-up: first, last, min, max, slope per 10 minutes over the whole window
+    and over its last 10 minutes (when the window is at least 20 minutes long: a quantity that grows and
+    then levels off shows it there), and for RSS each slope as a % of the window's first value."""
     after = [s for s in samples if s["t"] >= warmup]
     out = {"samples_after_warmup": len(after)}
     for key in ("rss_mb", "fds", "threads", "device_mb"):
@@ -166,8 +168,12 @@ def growth(samples: list[dict], warmup: float) -> dict:
             continue
         vals = [v for _, v in pts]
         g = {"first": vals[0], "last": vals[-1], "min": min(vals), "max": max(vals), "per_10min": slope_per_10min(pts)}
-        if key == "rss_mb" and g["per_10min"] is not None:
-            g["per_10min_pct"] = 100 * g["per_10min"] / vals[0]
+        if pts[-1][0] - pts[0][0] >= 1200:
+            g["per_10min_last10"] = slope_per_10min([p for p in pts if p[0] >= pts[-1][0] - 600])
+        if key == "rss_mb":
+            for k in ("per_10min", "per_10min_last10"):
+                if g.get(k) is not None:
+                    g[k + "_pct"] = 100 * g[k] / vals[0]
         out[key] = g
     return out
 
@@ -176,7 +182,7 @@ def growth(samples: list[dict], warmup: float) -> dict:
 
 
 async def soak(url: str, token: str, pid: int, duration: float, load: float, capacity: float, sample_s: float,
-               admin_every_s: float, train: bool, prompts: list[str], seed: int, log=print) -> dict:
+               admin_every_s: float, train: bool, prompts: list[str], seed: int, log=print, idle_wait_s: float = 3.0) -> dict:
     """The open-loop mix for `duration` seconds at `load` x `capacity` images/s, with samples."""
     auth = {"Authorization": f"Bearer {token}"}
     rate = load * capacity / IMAGES_PER_ARRIVAL  # arrivals per second
@@ -266,7 +272,7 @@ async def soak(url: str, token: str, pid: int, duration: float, load: float, cap
         samples.append(await asyncio.to_thread(sample, proc, url, time.perf_counter() - t_begin))
         done.set()
         await asyncio.gather(*side[:2])
-    await asyncio.sleep(3.0)  # the server closes the connections the client closed
+    await asyncio.sleep(idle_wait_s)  # the server closes the connections the client closed
     idle_after = await asyncio.to_thread(sample, proc, url, time.perf_counter() - t_begin)
     errors: dict[str, int] = {}
     details: dict[str, list[str]] = {}
@@ -303,8 +309,10 @@ def start_server(workdir: Path, threads: int | None, extra_env: dict | None = No
 
 def run(duration: float, load: float = 0.7, sample_s: float = 10.0, warmup: float | None = None, probe_s: float = 20.0,
         probe_clients: int = 8, admin_every_s: float = 10.0, train: bool = True, threads: int | None = 1,
-        url: str | None = None, token: str | None = None, seed: int = 0, workdir: Path | None = None, log=print) -> dict:
-    """The whole soak; returns its result (samples included)."""
+        url: str | None = None, token: str | None = None, seed: int = 0, workdir: Path | None = None, log=print,
+        server_env: dict | None = None, warm: bool = True, idle_wait_s: float = 3.0) -> dict:
+    """The whole soak; returns its result (samples included). warm=False: no warm-up requests (the
+    server has served already)."""
     from loadgen import Workload, warm_up
 
     if warmup is None:
@@ -313,24 +321,24 @@ def run(duration: float, load: float = 0.7, sample_s: float = 10.0, warmup: floa
     workdir = Path(workdir or tempfile.mkdtemp(prefix="spo-soak-"))
     server = None
     if url is None:
-        server = start_server(workdir, threads)
+        server = start_server(workdir, threads, server_env)
         url, token = server.url, TOKEN
         log(f"server {url}; log {workdir / 'server.log'}")
     try:
         pid = httpx.get(url + "/info", timeout=30).json()["pid"]
-        errs = asyncio.run(warm_up(url + "/generate", Workload(prompts, steps=STEPS)))
+        errs = asyncio.run(warm_up(url + "/generate", Workload(prompts, steps=STEPS))) if warm else []
         probe = asyncio.run(probe_capacity(url, prompts, probe_clients, probe_s, seed))
         log(f"capacity: {probe['img_per_s']:.2f} images/s ({probe_clients} clients, {probe_s:.0f} s); "
             f"mix at {load:.0%}: {load * probe['img_per_s'] / IMAGES_PER_ARRIVAL:.2f} arrivals/s for {duration:.0f} s")
         if probe["img_per_s"] <= 0:
             raise SystemExit(f"capacity probe completed no image: {probe}")
         res = asyncio.run(soak(url, token, pid, duration, load, probe["img_per_s"], sample_s, admin_every_s, train,
-                               prompts, seed, log=log))
+                               prompts, seed, log=log, idle_wait_s=idle_wait_s))
     finally:
         if server is not None:
             server.stop()
     res.update(warmup_s=warmup, probe=probe, warmup_errors=errs, growth=growth(res["samples"], warmup),
-               worker_pid=pid, server_torch_threads=threads)
+               worker_pid=pid, server_torch_threads=threads, server_env=server_env or {})
     return res
 
 
@@ -348,8 +356,10 @@ def report(res: dict) -> str:
         if v is None:
             lines.append(f"  {key:9s} n/a")
             continue
-        per = v["per_10min"]
+        per, last = v["per_10min"], v.get("per_10min_last10")
         extra = f" ({v['per_10min_pct']:+.2f}%)" if "per_10min_pct" in v else ""
+        if last is not None:
+            extra += f"; over the last 10 min {last:+.2f}{unit}" + (f" ({v['per_10min_last10_pct']:+.2f}%)" if "per_10min_last10_pct" in v else "")
         lines.append(f"  {key:9s} first {v['first']:g}{unit}, last {v['last']:g}{unit}, min {v['min']:g}, max {v['max']:g}; "
                      f"per 10 min {'n/a' if per is None else f'{per:+.2f}{unit}'}{extra}")
     a, b = res["idle_before"], res["idle_after"]
@@ -371,12 +381,23 @@ def main() -> None:
     ap.add_argument("--admin-every-s", type=float, default=10.0)
     ap.add_argument("--no-train", action="store_true", help="no training job")
     ap.add_argument("--threads", type=int, default=1, help="SPO_TORCH_THREADS of the server it starts (0: torch's default)")
+    ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment of the server it starts (repeatable), e.g. MALLOC_ARENA_MAX=2")
     ap.add_argument("--url", default=None, help="a running server on this host (default: start one)")
     ap.add_argument("--token", default=os.environ.get("SPO_ADMIN_TOKEN"), help="its admin token (with --url)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default=None, help="write the summary to <results-dir>/<tag>.json")
     ap.add_argument("--results-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--resummarize", default=None, metavar="JSON",
+                    help="measure nothing: recompute the growth figures of a written summary from its samples")
     args = ap.parse_args()
+    if args.resummarize:
+        path = Path(args.resummarize)
+        res = json.loads(path.read_text())
+        res["growth"] = growth(res["samples"], res["warmup_s"])
+        path.write_text(dumps(rounded(res)) + "\n")
+        print(report(res))
+        return
     if args.url and not args.token:
         raise SystemExit("--url needs --token (or SPO_ADMIN_TOKEN)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -387,7 +408,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_term)
     started = datetime.datetime.now().astimezone()
     res = run(args.duration, args.load, args.sample_s, args.warmup, args.probe_s, args.probe_clients, args.admin_every_s,
-              not args.no_train, args.threads or None, args.url, args.token, args.seed, log=lambda m: print(m, flush=True))
+              not args.no_train, args.threads or None, args.url, args.token, args.seed, log=lambda m: print(m, flush=True),
+              server_env=dict(kv.split("=", 1) for kv in args.server_env))
     res = {"date": started.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(),
            "command": " ".join(["benchmarks/soak.py", *sys.argv[1:]]), **res}
     print(report(res))

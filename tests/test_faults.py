@@ -152,9 +152,9 @@ def test_a_decode_error_fails_only_the_rows_of_that_decode(fpipe):
 
 
 def test_a_slow_step_times_out_its_deadline_and_the_engine_goes_on(fpipe):
-    eng = Engine(fpipe, EngineConfig(), metrics=Metrics(CollectorRegistry()), faults=Faults.parse("slow_step:s=0.4:seed=60")).start()
+    eng = Engine(fpipe, EngineConfig(), metrics=Metrics(CollectorRegistry()), faults=Faults.parse("slow_step:s=0.25:seed=60")).start()
     try:
-        slow = eng.submit([dict(prompt="a", seed=60, num_inference_steps=5)], timeout_s=1.0)
+        slow = eng.submit([dict(prompt="a", seed=60, num_inference_steps=5)], timeout_s=0.6)
         with pytest.raises(DeadlineExceededError):
             slow.future.result(30)
         [img] = eng.submit([dict(prompt="a", seed=61, num_inference_steps=2)]).future.result(30)
