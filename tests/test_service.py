@@ -151,11 +151,17 @@ def test_mixed_scales_and_adapters_in_one_batch(server):
 
 def test_scale_change_under_load(server):
     results = {}
+    changed = threading.Event()
 
     def client(i):
-        out = []
-        for k in range(4):
+        # keep sending until two requests went out after the change was acknowledged (bounded), so that
+        # "late" requests exist however fast or slow the machine is
+        out, after = [], 0
+        for k in range(60):
+            if k >= 4 and after >= 2:
+                break
             t = time.time()
+            after += changed.is_set()
             out.append((t, gen(server, prompt="a lighthouse", seed=11, num_inference_steps=5)))
         results[i] = out
 
@@ -165,6 +171,7 @@ def test_scale_change_under_load(server):
     time.sleep(0.6)
     r = httpx.post(server.url + "/admin/lora_scale", json={"scale": 0.3}, headers=AUTH)
     changed_at = time.time()
+    changed.set()
     assert r.status_code == 200 and r.json()["previous"] == 1.0 and r.json()["scale"] == 0.3
     assert r.json()["swap_ms"] < 50
     for t in threads:
