@@ -79,11 +79,22 @@ class _LoraLayer(nn.Module):
         return out
 
 
+def _fp32_branch(x: torch.Tensor, down: torch.Tensor) -> bool:
+    """A float32 adapter (the trainer's parameters) on a lower-precision base runs its branch in float32:
+    the LoRA math and its gradients keep fp32 precision while the base layer runs in bf16/fp16.
+    Serving adapters are stored in the pipeline's dtype, so this is False for them."""
+    return down.dtype == torch.float32 and x.dtype != torch.float32
+
+
 class LoraLinear(_LoraLayer):
     def add_branch(self, out, x, s, down, up):
+        if _fp32_branch(x, down):
+            h = F.linear(x.float(), down)
+            h = h * _row_view(s, h).float()
+            return out + F.linear(h, up).to(out.dtype)
         # y += (s_row * x D^T) U^T: the scale multiplies the rank-r activation (cheapest place),
         # and the up-projection accumulates into y in one addmm.
-        h = F.linear(x, down.to(x.dtype))  # trainable adapters keep fp32 weights: cast (no-op otherwise)
+        h = F.linear(x, down.to(x.dtype))
         h = h * _row_view(s, h)
         return out.view(-1, out.shape[-1]).addmm(h.reshape(-1, h.shape[-1]), up.to(x.dtype).t()).view(out.shape)
 
@@ -91,6 +102,9 @@ class LoraLinear(_LoraLayer):
 class LoraConv2d(_LoraLayer):
     def add_branch(self, out, x, s, down, up):
         b = self.base_layer
+        if _fp32_branch(x, down):
+            h = F.conv2d(x.float(), down, None, b.stride, b.padding, b.dilation, b.groups)
+            return out + F.conv2d(h * _row_view(s, h).float(), up).to(out.dtype)
         h = F.conv2d(x, down.to(x.dtype), None, b.stride, b.padding, b.dilation, b.groups)
         return out + F.conv2d(h * _row_view(s, h), up.to(x.dtype))
 
