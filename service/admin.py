@@ -216,12 +216,25 @@ async def train_submit(svc: SPOService, request: Request) -> Response:
     body = await _body(TrainSubmitBody, request)
     prompts = await anyio.to_thread.run_sync(_training_prompts, svc, body)
     cfg = TrainConfig.parse(body.config)  # 400 naming config.<field>
+    world = _world(svc, cfg)
     if body.output_adapter is not None:
         _adapter_name("output_adapter", body.output_adapter)
     start = await anyio.to_thread.run_sync(_start_adapter, svc, body.start_adapter)
     rec = await anyio.to_thread.run_sync(svc.jobs.create, prompts, cfg.model_dump(exclude_defaults=True), start,
                                          body.output_adapter)
-    return JSONResponse({"job_id": rec["job_id"], "state": rec["state"], "output_adapter": rec["output_adapter"]})
+    rec = await anyio.to_thread.run_sync(lambda: svc.jobs.update(rec["job_id"], **world))
+    return JSONResponse({"job_id": rec["job_id"], "state": rec["state"], "output_adapter": rec["output_adapter"], **world})
+
+
+def _world(svc: SPOService, cfg) -> dict:
+    """The job's data-parallel shape as its trainer will resolve it (400 naming config.nproc when the
+    training GPUs are fewer): ranks, pairs per optimiser step, micro-batch and accumulation."""
+    from spo_runtime.distributed import resolve_world
+
+    world, _ = resolve_world(cfg.nproc, svc.settings)
+    cfg.check_world(world)
+    return {"world_size": world, "pairs_per_step": cfg.pairs_per_step(world), "micro_batch": cfg.micro_batch,
+            "grad_accum": cfg.accumulation(world)}
 
 
 def _job_id(request: Request) -> str:
@@ -257,6 +270,13 @@ async def train_cancel(svc: SPOService, request: Request) -> Response:
 
 
 @admin
+async def train_resume(svc: SPOService, request: Request) -> Response:
+    """Queue a failed, canceled or interrupted job again: it resumes from its last checkpoint."""
+    body = await _body(JobBody, request)
+    return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.resume, body.job_id)))
+
+
+@admin
 async def train_list(svc: SPOService, request: Request) -> Response:
     records = await anyio.to_thread.run_sync(svc.jobs.list)
     counts = await anyio.to_thread.run_sync(svc.supervisor.counts)
@@ -270,6 +290,7 @@ app = Starlette(routes=[
     Route("/train/status", train_status, methods=["GET"]),
     Route("/train/get", train_get, methods=["GET"]),
     Route("/train/cancel", train_cancel, methods=["POST"]),
+    Route("/train/resume", train_resume, methods=["POST"]),
     Route("/train/list", train_list, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
     Route("/admin/lora_scale", set_scale, methods=["POST"]),

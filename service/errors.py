@@ -89,10 +89,12 @@ def map_error(e: BaseException) -> JSONResponse:
     from spo_runtime.engine import DeadlineExceededError, EngineUnavailableError, QueueFullError, RequestCancelledError
     from spo_runtime.errors import (AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, LoraFormatError,
                                     NonFiniteError)
-    from spo_runtime.jobs import JobNotFoundError
+    from spo_runtime.jobs import JobNotFoundError, JobStateError
 
     if isinstance(e, Conflict):
         return error_response(409, str(e), e.field, kind="conflict")
+    if isinstance(e, JobStateError):
+        return error_response(409, str(e), "job_id", kind="conflict")
     if isinstance(e, InvalidRequestError):
         return error_response(400, str(e), e.field, getattr(e, "errors", None))
     if isinstance(e, JobNotFoundError):

@@ -108,7 +108,7 @@ class SPOService:
             self.engine.start()
             self.jobs = JobStore(s.data_dir, s.adapters_path)
             self.supervisor = Supervisor(self.jobs, env=dict(os.environ), train_device=s.train_device,
-                                         on_change=lambda c: [metrics.train_jobs.labels(k).set(v) for k, v in c.items()]).start()
+                                         max_jobs=s.max_train_jobs, on_change=lambda c: [metrics.train_jobs.labels(k).set(v) for k, v in c.items()]).start()
             t0 = time.perf_counter()
             self.engine.generate_sync([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2}])
             if s.compile:  # also compile the residual-LoRA graph before the first request needs it

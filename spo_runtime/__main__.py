@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--start-adapter", default=None, help="continue this LoRA file (.safetensors)")
     t.add_argument("--name", default="spo-trained", help="name of the exported adapter files")
     t.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (JSON values)")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel ranks (default: config nproc, SPO_TRAIN_NPROC, the training GPUs, 1 on CPU)")
     j = sub.add_parser("train-job", help=argparse.SUPPRESS)  # the server's trainer process
     j.add_argument("job_dir")
     j.add_argument("--adapter-dir", required=True)
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from .train import TrainConfig, build_trainer, read_prompts
+    from .distributed import launch, resolve_world
+    from .settings import Settings
+    from .train import TrainConfig, read_prompts, train_rank
 
     overrides = {}
     for kv in args.config:
@@ -118,12 +122,21 @@ def _train(args) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    if args.nproc is not None:
+        overrides["nproc"] = args.nproc
     cfg = TrainConfig.parse(overrides)
-    trainer = build_trainer(cfg, read_prompts(args.prompts), args.output, start_adapter=args.start_adapter)
-    if trainer.resumed_from is not None:
-        print(f"resumed at round {trainer.round}", file=sys.stderr)
-    trainer.train(on_round=lambda s: print(json.dumps({k: v for k, v in s.items()}), flush=True))
-    print(json.dumps(trainer.export(Path(args.output), args.name)))
+    world, devices = resolve_world(cfg.nproc, Settings.from_env(), field="--nproc")
+    cfg.check_world(world)
+    read_prompts(args.prompts)  # a missing prompt file fails here, before any rank starts
+    spec = (cfg.model_dump_json(exclude_unset=True), str(args.prompts), str(args.output), args.start_adapter, args.name)
+    if world == 1:
+        train_rank(0, 1, None, devices, *spec)
+        return 0
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    result = launch(world, train_rank, (devices, *spec), Path(args.output) / ".rendezvous", error_dir=args.output)
+    if not result.ok:
+        print(f"error: training failed: {result.reason}", file=sys.stderr)
+        return 1
     return 0
 
 

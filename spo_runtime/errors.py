@@ -76,3 +76,8 @@ class ConfigError(SpoError, ValueError):
         self.variable = variable
         self.message = message
         super().__init__(f"{variable}: {message}")
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line for a job record or a rank's error file: the exception, flagged when it is an OOM."""
+    return ("out of memory: " if is_oom(e) else "") + f"{type(e).__name__}: {e}"

@@ -17,6 +17,8 @@ silently test nothing.
                                  steps whose batch holds seed S
     enospc_checkpoint:round=R    writing the training checkpoint of round R fails with ENOSPC part-way
                                  (training jobs get it through their environment)
+    kill_rank:rank=R:round=N     training rank R kills itself with SIGKILL as it starts round N (a rank lost
+                                 mid-job, as a crashed GPU host loses it)
 
 `seed=S` selects by the request's seed (a request's seed is in its reply), so a test can aim a fault at
 one request whatever else shares its batch, and the server's warm-up image (seed 0) is never hit unless
@@ -26,6 +28,8 @@ a fault says seed=0.
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -40,6 +44,7 @@ KNOWN: dict[str, dict[str, tuple[type, bool]]] = {
     "decode_error": {"seed": (int, False)},
     "slow_step": {"s": (float, True), "seed": (int, False)},
     "enospc_checkpoint": {"round": (int, True)},
+    "kill_rank": {"rank": (int, True), "round": (int, True)},
 }
 
 
@@ -149,6 +154,12 @@ class Faults:
             fh.write(b"PK\x03\x04partial")  # a torn file, as a full disk leaves it
             fh.flush()
             raise OSError(errno.ENOSPC, f"No space left on device (injected by SPO_FAULTS enospc_checkpoint:round={round_})")
+
+    def round_start(self, rank: int, round_: int) -> None:
+        """As training rank `rank` starts round `round_` (1-based): kill_rank."""
+        p = self.active.get("kill_rank")
+        if p is not None and p["rank"] == rank and p["round"] == round_:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 NONE = Faults()

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .errors import InvalidRequestError, SpoError, is_oom
+from .errors import InvalidRequestError, SpoError, failure_reason
 from .fsutil import atomic_write, write_json_atomic
 
 log = logging.getLogger("spo_runtime.jobs")
@@ -50,6 +50,10 @@ class JobNotFoundError(SpoError, KeyError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class JobStateError(SpoError):
+    """The job is in a state that does not allow the operation (resuming a running job)."""
 
 
 class JobStore:
@@ -110,6 +114,18 @@ class JobStore:
         if rec["state"] in ("queued", "interrupted"):
             return self.update(job_id, state="canceled", finished_at=time.time())
         return rec
+
+    def resume(self, job_id: str) -> dict:
+        """Queue a failed, canceled or interrupted job again; its trainer resumes from the last checkpoint
+        (a job that failed before its first checkpoint starts over). Refused for a queued, running or
+        completed job."""
+        d = self.dir(job_id)
+        with _flock(d / ".resume.lock"):
+            rec = self.read(job_id)
+            if rec["state"] not in ("failed", "canceled", "interrupted"):
+                raise JobStateError(f"job_id: the job is {rec['state']}; only a failed, canceled or interrupted job resumes")
+            (d / "cancel").unlink(missing_ok=True)
+            return self.update(job_id, state="queued", error=None, finished_at=None, resumes=rec.get("resumes", 0) + 1)
 
     def locked(self, job_id: str) -> bool:
         """Whether a live trainer holds the job's lock."""
@@ -298,11 +314,15 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
     """Body of `python -m spo_runtime train-job DIR`: train, checkpoint, export, record the outcome.
 
     `parent_pid`: the supervisor's pid (`--parent-pid`, which the supervisor passes); the trainer dies
-    with that process. Started by hand without it, it does not."""
+    with that process. Started by hand without it, it does not. A job of N > 1 ranks (config `nproc`,
+    SPO_TRAIN_NPROC, the training GPUs) runs them as N processes under this one, which forwards a stop
+    to them and fails the job, naming the rank and why, when one of them dies."""
     if parent_pid is not None and not die_with_parent(parent_pid):
         print(f"the supervisor (pid {parent_pid}) is gone: not training", file=sys.stderr)
         return 4
-    from .train import JobCancelled, TrainConfig, build_trainer, read_prompts
+    from .distributed import launch, resolve_world
+    from .settings import Settings
+    from .train import TrainConfig
 
     d = Path(job_dir)
     store = JobStore(d.parent.parent, adapter_dir)
@@ -316,49 +336,112 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
     stop = {"term": False}
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop at the next round boundary, after a checkpoint
         signal.signal(sig, lambda *_: stop.update(term=True))
-    rec = store.read(job_id)
     try:
-        cfg = TrainConfig.parse(rec["config"])
-        start = Path(adapter_dir) / rec["start_adapter"] if rec.get("start_adapter") else None
-        trainer = build_trainer(cfg, read_prompts(d / "prompts.txt"), d / "run", start_adapter=start)
-        resumed = trainer.resumed_from is not None
-        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.resumed_from)
-        t_start, r_start = time.time(), trainer.round
-        pairs = {"kept": store.read(job_id).get("pairs_kept", 0) if resumed else 0}
-
-        def on_round(stats: dict) -> None:
-            from .metrics import default_metrics
-
-            default_metrics().train_round.observe(stats["seconds"])
-            pairs["kept"] += stats["pairs_kept"]
-            eta = (time.time() - t_start) / max(trainer.round - r_start, 1) * (trainer.total_rounds - trainer.round)
-            store.update(job_id, round=trainer.round, pairs_kept=pairs["kept"], loss=stats["loss"],
-                         clamp_share=stats["clamp_share"], kept_rate=stats["kept_rate"], eta_s=round(eta, 1),
-                         last_round_s=round(stats["seconds"], 3))
-
-        def should_stop() -> bool:
-            return stop["term"] or (d / "cancel").exists()
-
         try:
-            trainer.train(should_stop=should_stop, on_round=on_round)
-        except JobCancelled:
-            if (d / "cancel").exists():
-                store.update(job_id, state="canceled", finished_at=time.time(), round=trainer.round)
-            else:
-                store.update(job_id, state="interrupted", round=trainer.round, interruptions=store.read(job_id).get("interruptions", 0) + 1)
+            cfg = TrainConfig.parse(store.read(job_id)["config"])
+            world, devices = resolve_world(cfg.nproc, Settings.from_env())
+            cfg.check_world(world)
+        except Exception as e:
+            return _failed(store, job_id, e)
+        store.update(job_id, world_size=world, devices=devices, pairs_per_step=cfg.pairs_per_step(world),
+                     micro_batch=cfg.micro_batch, grad_accum=cfg.accumulation(world))
+        if world == 1:
+            from .distributed import Group
+
+            try:
+                return _train_job(d, Path(adapter_dir), Group(0, 1, devices[0]), lambda: stop["term"])
+            except Exception as e:
+                return _failed(store, job_id, e)
+        result = launch(world, _job_rank, (str(d), str(adapter_dir), devices), d / ".rendezvous", error_dir=d,
+                        should_stop=lambda: stop["term"])
+        if result.ok:
             return 0
-        out = trainer.export(Path(adapter_dir), store.read(job_id)["output_adapter"])
-        summary = _summary(d / "run" / "metrics.jsonl")
-        store.update(job_id, state="completed", finished_at=time.time(), round=trainer.round, result=out, metrics=summary)
-        return 0
-    except Exception as e:
-        oom = is_oom(e)
-        store.update(job_id, state="failed", finished_at=time.time(),
-                     error=("out of memory: " if oom else "") + f"{type(e).__name__}: {e}")
-        traceback.print_exc()
+        if store.read(job_id)["state"] == "running":
+            store.update(job_id, state="failed", finished_at=time.time(), error=result.reason)
+        print(f"job {job_id} failed: {result.reason}", file=sys.stderr)
         return 1
     finally:
         lock.close()
+
+
+def _failed(store: JobStore, job_id: str, e: BaseException) -> int:
+    store.update(job_id, state="failed", finished_at=time.time(), error=failure_reason(e))
+    traceback.print_exc()
+    return 1
+
+
+def _job_rank(rank: int, world: int, rendezvous: str, job_dir: str, adapter_dir: str, devices: list[str]) -> None:
+    """One rank of a data-parallel job, in its own (spawned) process: join the group, train, and on an
+    error write the reason to `<dir>/rank-N.error` for the job process to report."""
+    from .distributed import ERROR_FILE, join_group
+
+    die_with_parent(os.getppid())  # a rank never outlives the job process
+    d = Path(job_dir)
+    stop = {"term": False}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.update(term=True))
+    group = None
+    try:
+        group = join_group(rank, world, rendezvous, devices[rank])
+        code = _train_job(d, Path(adapter_dir), group, lambda: stop["term"])
+    except BaseException as e:
+        atomic_write(d / ERROR_FILE.format(rank=rank), failure_reason(e).encode())
+        raise
+    finally:
+        if group is not None:
+            group.close()
+    if code:
+        sys.exit(code)
+
+
+def _train_job(d: Path, adapter_dir: Path, group, stop_requested) -> int:
+    """Train the job in `d` as `group`'s rank; rank 0 records progress and the outcome (but a failure,
+    which the caller records), exports the adapter and writes the checkpoints."""
+    from .train import JobCancelled, TrainConfig, build_trainer, read_prompts
+
+    store = JobStore(d.parent.parent, adapter_dir)
+    job_id = d.name
+    rec = store.read(job_id)
+    main = group.main
+    cfg = TrainConfig.parse(rec["config"])
+    start = adapter_dir / rec["start_adapter"] if rec.get("start_adapter") else None
+    trainer = build_trainer(cfg, read_prompts(d / "prompts.txt"), d / "run", start_adapter=start, group=group)
+    resumed = trainer.resumed_from is not None
+    if main:
+        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.resumed_from)
+    t_start, r_start = time.time(), trainer.round
+    pairs = {"kept": rec.get("pairs_kept", 0) if resumed else 0}
+
+    def on_round(stats: dict) -> None:
+        if not main:
+            return
+        from .metrics import default_metrics
+
+        default_metrics().train_round.observe(stats["seconds"])
+        pairs["kept"] += stats["pairs_kept"]
+        eta = (time.time() - t_start) / max(trainer.round - r_start, 1) * (trainer.total_rounds - trainer.round)
+        store.update(job_id, round=trainer.round, pairs_kept=pairs["kept"], loss=stats["loss"],
+                     clamp_share=stats["clamp_share"], kept_rate=stats["kept_rate"], eta_s=round(eta, 1),
+                     last_round_s=round(stats["seconds"], 3), pairs_per_s=round(stats["pairs_per_s"], 3))
+
+    def should_stop() -> bool:
+        return stop_requested() or (d / "cancel").exists()
+
+    try:
+        trainer.train(should_stop=should_stop, on_round=on_round)
+    except JobCancelled:
+        if not main:
+            return 0
+        if (d / "cancel").exists():
+            store.update(job_id, state="canceled", finished_at=time.time(), round=trainer.round)
+        else:
+            store.update(job_id, state="interrupted", round=trainer.round, interruptions=store.read(job_id).get("interruptions", 0) + 1)
+        return 0
+    if main:
+        out = trainer.export(adapter_dir, store.read(job_id)["output_adapter"])
+        summary = _summary(d / "run" / "metrics.jsonl")
+        store.update(job_id, state="completed", finished_at=time.time(), round=trainer.round, result=out, metrics=summary)
+    return 0
 
 
 def _summary(path: Path) -> dict:

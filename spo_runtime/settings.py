@@ -93,6 +93,11 @@ class Settings(BaseModel):
     # -- training ----------------------------------------------------------------------------
     train_device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="default: SPO_DEVICE")
     max_train_jobs: int = Field(1, ge=1, le=64, description="training jobs run at once; the rest wait queued")
+    train_nproc: int | None = Field(None, ge=1, le=64, description="data-parallel ranks of a training job (its "
+                                    "config's nproc wins); unset: the training GPUs' count on CUDA, 1 on CPU")
+    train_devices: str | None = Field(None, pattern=r"^\s*(cpu|(cuda:)?\d+)(\s*,\s*(cuda:)?\d+)*\s*$",
+                                      description="GPUs training may use, apart from serving's: a comma list such as "
+                                                  "2,3 or cuda:2,cuda:3; rank r trains on the r-th; unset: every visible GPU")
     spm: str | None = Field(None, description="step-aware preference model weights (.safetensors or .bin): "
                                               "the default of TrainConfig.spm_path; unset: fetched from the hub")
     spm_tokenizer: str | None = Field(None, description="local tokenizer directory of the SPM (CLIP-ViT-H-14); "

@@ -18,11 +18,13 @@ Checkpoints (both LoRA layouts, optimiser, RNG, prompt position, config) are wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .distributed import LOCAL, Group
 from .errors import InvalidRequestError, SpoError
 from .faults import NONE as NO_FAULTS, Faults
 from .fsutil import atomic_write, fsync_dir, write_json_atomic
@@ -77,9 +80,16 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
-    micro_batch: int = Field(2, ge=1, le=256)  # pairs per forward/backward
-    grad_accum: int = Field(2, ge=1, le=256)  # micro-batches per optimiser step
-    prompts_per_round: int = Field(2, ge=1, le=256)
+    # kept pairs per optimiser step over all ranks: the paper's 4 GPUs x 2 pairs x 2 accumulation
+    effective_batch: int = Field(16, ge=1, le=4096)
+    micro_batch: int = Field(2, ge=1, le=256)  # pairs per forward/backward on one rank
+    # micro-batches per optimiser step on each rank; unset: derived, effective_batch / (micro_batch x nproc).
+    # Given without effective_batch, it sets the effective batch: micro_batch x grad_accum x nproc.
+    grad_accum: int | None = Field(None, ge=1, le=256)
+    prompts_per_round: int = Field(2, ge=1, le=256)  # per rank
+    rollout_batch: int | None = Field(None, ge=1, le=256)  # prompts per sampling batch; unset: the round's
+    # data-parallel ranks; unset: SPO_TRAIN_NPROC, else the training GPUs' count on CUDA, 1 on CPU
+    nproc: int | None = Field(None, ge=1, le=64)
     epochs: float = Field(10.0, gt=0.0)  # passes over the prompt list
     max_rounds: int | None = Field(None, ge=1)
     seed: int = Field(42, ge=0)
@@ -93,6 +103,25 @@ class TrainConfig(BaseModel):
     # bookkeeping
     checkpoint_every: int = Field(10, ge=1)  # rounds
     keep_checkpoints: int = Field(2, ge=1)
+
+    def pairs_per_step(self, world: int) -> int:
+        """Kept pairs per optimiser step over all `world` ranks (the effective batch)."""
+        if self.grad_accum is not None and "effective_batch" not in self.model_fields_set:
+            return self.micro_batch * self.grad_accum * world
+        return self.effective_batch
+
+    def accumulation(self, world: int) -> int:
+        """Micro-batches per optimiser step on each rank (on average: ranks split each step's pairs)."""
+        return max(1, math.ceil(self.pairs_per_step(world) / (self.micro_batch * world)))
+
+    def check_world(self, world: int) -> None:
+        """Given both, grad_accum and effective_batch must agree for `world` ranks."""
+        if self.grad_accum is not None and "effective_batch" in self.model_fields_set:
+            want = self.micro_batch * self.grad_accum * world
+            if want != self.effective_batch:
+                raise InvalidRequestError(
+                    "config.grad_accum", f"micro_batch x grad_accum x nproc = {self.micro_batch} x {self.grad_accum} x "
+                                         f"{world} = {want} differs from effective_batch {self.effective_batch}; give one of the two")
 
     @classmethod
     def parse(cls, data: dict) -> TrainConfig:
@@ -136,18 +165,41 @@ def spo_loss(logp_w: torch.Tensor, ref_w: torch.Tensor, logp_l: torch.Tensor, re
 
 @dataclass
 class Transition:
-    """One step of one candidate trajectory: x_t -> x_prev at schedule index i, for prompt p."""
+    """One step of one candidate trajectory: x_t -> x_prev at schedule index `step`, for the rank's
+    prompt `prompt` (its row of the round's conditioning), which is prompt `slot` of the global round."""
 
     prompt: int
     step: int
     x_t: torch.Tensor  # (C, h, w)
     x_prev: torch.Tensor
+    slot: int = 0
 
 
 @dataclass
 class Pair:
     win: Transition
     lose: Transition
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The pair's place in the global round, whichever rank holds it: (prompt slot, step)."""
+        return self.win.slot, self.win.step
+
+
+def _micro_batches(pairs: list[Pair], size: int) -> list[list[Pair]]:
+    """Consecutive runs of at most `size` pairs of one prompt (pairs sorted by key)."""
+    out: list[list[Pair]] = []
+    for p in pairs:
+        if out and len(out[-1]) < size and out[-1][0].win.slot == p.win.slot:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def _stream_seed(*parts) -> int:
+    """A 63-bit seed for one random stream of a job, from (seed, round, what the stream is for...)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,15 +218,26 @@ class CheckpointCorruptError(SpoError):
 
 
 class SPOTrainer:
-    """Runs SPO rounds on a pipeline (its own UNet copy, unfused), writing checkpoints to `out_dir`."""
+    """Runs SPO rounds on a pipeline (its own UNet copy, unfused), writing checkpoints to `out_dir`.
+
+    Data-parallel with `group` (one trainer per rank, each on its own device): a global round gives each
+    rank `prompts_per_round` prompts of its own; every random draw of a prompt's rollout comes from a
+    stream seeded by (seed, round, the prompt's slot in the global round), and the kept pairs are
+    shuffled and cut into optimiser steps of `effective_batch` pairs in one global order, so a job's
+    result does not depend on how many ranks run it. Each rank computes the gradients of its own pairs
+    of a step; they are summed over the ranks (one all-reduce) and divided by the step's global pair
+    count. Rank 0 writes the checkpoints; every rank resumes from them."""
 
     def __init__(self, pipe: SpoPipeline, config: TrainConfig, prompts: list[str], out_dir: str | Path,
                  scorer: Callable | None = None, start_adapter: str | Path | None = None, spm_tokenizer=None,
-                 faults: Faults = NO_FAULTS):
+                 faults: Faults = NO_FAULTS, group: Group = LOCAL):
         if not prompts:
             raise InvalidRequestError("prompts", "must hold at least one prompt")
+        config.check_world(group.world)
         self.pipe = pipe
         self.cfg = config
+        self.group = group
+        self.pairs_per_step = config.pairs_per_step(group.world)
         self.faults = faults  # SPO_FAULTS (tests only): enospc_checkpoint
         self.prompts = list(prompts)
         self.out = Path(out_dir)
@@ -195,11 +258,13 @@ class SPOTrainer:
             self.ref_scales = {REF: 1.0}
         self.params = self._init_lora(start)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.adam_eps)
+        # an fp16 base: the loss is scaled so that small gradients do not underflow in the fp16 layers
+        self.scaler = torch.amp.GradScaler(pipe.device.type, enabled=pipe.dtype == torch.float16)
         self.round = 0
-        self.position = 0  # prompts consumed in the seeded order
+        self.position = 0  # prompts consumed in the seeded order (by all ranks)
         self.resumed_from: int | None = None  # the checkpoint's round, once load_checkpoint resumed
-        self.gen = torch.Generator("cpu").manual_seed(config.seed)  # every random draw of the job
-        self.total_rounds = config.max_rounds or max(1, math.ceil(config.epochs * len(prompts) / config.prompts_per_round))
+        per_round = config.prompts_per_round * group.world
+        self.total_rounds = config.max_rounds or max(1, math.ceil(config.epochs * len(prompts) / per_round))
         if config.gradient_checkpointing:  # through the registry: recomputation re-enters the row scales
             reg.enable_gradient_checkpointing()
 
@@ -234,7 +299,9 @@ class SPOTrainer:
             from .models import _hub_file
 
             load_spm_weights(model, _hub_file("SPO-Diffusion-Models/Step-Aware_Preference_Models", "sdxl_step-aware_preference_model.bin"))
-        model = model.to(self.pipe.device, self.pipe.dtype if self.pipe.device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+        # the SPM scores in float32 whatever the pipeline's dtype, as the authors' code does: pair selection
+        # compares score gaps near ln(1.4/0.6), which half precision would blur
+        model = model.to(self.pipe.device, torch.float32).eval().requires_grad_(False)
         return SpmScorer(model, tokenizer)
 
     def _init_lora(self, start: LoraFile | None) -> list[torch.nn.Parameter]:
@@ -267,16 +334,20 @@ class SPOTrainer:
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def next_prompts(self) -> list[str]:
-        """`prompts_per_round` prompts from a per-epoch seeded permutation; resumable by position."""
-        out = []
-        n = len(self.prompts)
-        for _ in range(self.cfg.prompts_per_round):
+    def next_prompts(self) -> tuple[list[str], list[int]]:
+        """This rank's prompts of the next global round and their slots in it. A global round takes
+        `prompts_per_round` x ranks prompts from a per-epoch seeded permutation (resumable by
+        position); rank r takes the r-th `prompts_per_round` of them."""
+        n, per = len(self.prompts), self.cfg.prompts_per_round
+        out, slots = [], []
+        for slot in range(per * self.group.world):
             epoch, i = divmod(self.position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()
-            out.append(self.prompts[order[i]])
+            if slot // per == self.group.rank:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()
+                out.append(self.prompts[order[i]])
+                slots.append(slot)
             self.position += 1
-        return out
+        return out, slots
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -293,8 +364,14 @@ class SPOTrainer:
     def _ddim(self, x, eps, step: torch.Tensor, noise=None):
         return ddim_step(x, eps, self.schedule.alpha_t[step], self.schedule.alpha_prev[step], torch.full((len(x),), self.cfg.eta), noise)
 
-    def _noise(self, shape, dtype) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen, dtype=torch.float32).to(self.pipe.device, dtype)
+    def _noise(self, gens: list[torch.Generator], per: int, like: torch.Tensor) -> torch.Tensor:
+        """Noise for rows laid out prompt by prompt, `per` rows each, each prompt's from its own stream."""
+        tail = tuple(like.shape[1:])
+        z = torch.cat([torch.randn((per, *tail), generator=g, dtype=torch.float32) for g in gens])
+        return z.to(self.pipe.device, like.dtype)
+
+    def _streams(self, slots: list[int]) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(_stream_seed(self.cfg.seed, self.round, "prompt", s)) for s in slots]
 
     def _score(self, x0_latents: torch.Tensor, prompts: list[str], t: float) -> torch.Tensor:
         """Preference scores of VAE-decoded latents (images in [-1, 1]) at timestep t."""
@@ -304,17 +381,20 @@ class SPOTrainer:
         return self.scorer(img, prompts, ts).float().cpu()
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> tuple[list[Pair], dict]:
-        """Sample every prompt with branching; return the kept pairs and round statistics."""
+    def rollout(self, prompts: list[str], slots: list[int] | None = None) -> tuple[list[Pair], dict]:
+        """Sample every prompt with branching; return the kept pairs and this rank's round statistics.
+        `slots`: the prompts' places in the global round (default 0..P-1), which seed their streams."""
         P, k, n = len(prompts), self.cfg.k, self.cfg.num_inference_steps
-        seeds = torch.randint(0, 2**31 - 1, (P,), generator=self.gen).tolist()
+        slots = list(range(P)) if slots is None else list(slots)
+        gens = self._streams(slots)
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in gens]
         states = self._states(prompts, seeds)
         # clone: embeddings made under inference_mode cannot be saved for backward
         cond = {key: v.clone() for key, v in self.pipe.conditioning(states).items()}
         x = torch.cat([s.latents for s in states]).clone()  # (P, C, h, w): shared x_T
         for i in range(self.first_branch):  # untrained early steps
             step = torch.full((P,), i)
-            x, _, _, _ = self._ddim(x, self._eps(x, step, cond, self.policy_scales), step, self._noise(x.shape, x.dtype))
+            x, _, _, _ = self._ddim(x, self._eps(x, step, cond, self.policy_scales), step, self._noise(gens, 1, x))
         rep = torch.arange(P).repeat_interleave(k)  # candidate row r belongs to prompt rep[r]
         cond_k = {key: v.index_select(0, rep.to(v.device)) for key, v in cond.items()}
         step_b = self.first_branch
@@ -326,12 +406,12 @@ class SPOTrainer:
             # branch: k candidates from each shared latent, same DDIM mean, independent noise
             s_b = torch.full((P,), step_b)
             _, _, mean, std = self._ddim(x, eps, s_b)
-            X = mean.index_select(0, rep.to(mean.device)) + std.index_select(0, rep.to(std.device)) * self._noise((P * k, *x.shape[1:]), x.dtype)
+            X = mean.index_select(0, rep.to(mean.device)) + std.index_select(0, rep.to(std.device)) * self._noise(gens, k, mean)
             traj = [(x.index_select(0, rep.to(x.device)), X, step_b)]
             end = min(step_b + self.cfg.chunk, n)
             for i in range(step_b + 1, end):
                 s_i = torch.full((P * k,), i)
-                X_new, _, _, _ = self._ddim(X, self._eps(X, s_i, cond_k, self.policy_scales), s_i, self._noise(X.shape, X.dtype))
+                X_new, _, _, _ = self._ddim(X, self._eps(X, s_i, cond_k, self.policy_scales), s_i, self._noise(gens, k, X))
                 traj.append((X, X_new, i))
                 X = X_new
             if end < n:  # score the predicted x0 at the next branch point
@@ -353,20 +433,38 @@ class SPOTrainer:
                 lose_scores.append(float(scores[p, l[p]]))
                 rw, rl = p * k + int(w[p]), p * k + int(l[p])
                 for x_t, x_prev, i in traj:
-                    pairs.append(Pair(Transition(p, i, x_t[rw].detach().clone(), x_prev[rw].detach().clone()),
-                                      Transition(p, i, x_t[rl].detach().clone(), x_prev[rl].detach().clone())))
+                    pairs.append(Pair(Transition(p, i, x_t[rw].detach().clone(), x_prev[rw].detach().clone(), slots[p]),
+                                      Transition(p, i, x_t[rl].detach().clone(), x_prev[rl].detach().clone(), slots[p])))
             if end >= n:
                 break
             # the next chunk starts from a uniformly random candidate (not the winner)
-            pick = torch.randint(0, k, (P,), generator=self.gen)
+            pick = torch.cat([torch.randint(0, k, (1,), generator=g) for g in gens])
             rows = (torch.arange(P) * k + pick).to(X.device)
             x, eps = X.index_select(0, rows), eps_k.index_select(0, rows)
             step_b = end
         self._round_cond = cond
-        stats = {"pairs_kept": kept, "branch_points": total, "kept_rate": kept / max(total, 1), "transitions": len(pairs),
-                 "score_w": sum(win_scores) / len(win_scores) if win_scores else None,
-                 "score_l": sum(lose_scores) / len(lose_scores) if lose_scores else None}
+        stats = {"pairs_kept": kept, "branch_points": total, "transitions": len(pairs),
+                 "score_w_sum": sum(win_scores), "score_l_sum": sum(lose_scores)}
         return pairs, stats
+
+    def _rollouts(self, prompts: list[str], slots: list[int]) -> tuple[list[Pair], dict, dict]:
+        """The round's rollouts in sampling batches of `rollout_batch` prompts: pairs, summed statistics
+        and the conditioning of all the round's prompts (the pairs' `prompt` indexes its rows)."""
+        size = self.cfg.rollout_batch or len(prompts)
+        pairs: list[Pair] = []
+        stats: dict = {}
+        conds = []
+        for i in range(0, len(prompts), size):
+            part, local = self.rollout(prompts[i : i + size], slots[i : i + size])
+            for p in part:
+                p.win.prompt += i
+                p.lose.prompt += i
+            pairs += part
+            stats = {k: stats.get(k, 0) + v for k, v in local.items()}
+            conds.append(self._round_cond)
+        cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+        self._round_cond = cond
+        return pairs, stats, cond
 
     # -- the loss ----------------------------------------------------------------------------
 
@@ -381,47 +479,82 @@ class SPOTrainer:
         return ddim_transition_logprob(x_prev.float(), mean, std)
 
     def train_on(self, pairs: list[Pair], cond: dict) -> dict:
-        """Shuffle the pairs, micro-batches with gradient accumulation; returns loss statistics."""
-        if not pairs:
-            return {"loss": None, "clamp_share": None, "optimizer_steps": 0}
-        order = torch.randperm(len(pairs), generator=self.gen).tolist()
-        pairs = [pairs[i] for i in order]
+        """One round's optimiser steps over the kept pairs of every rank.
+
+        Each prompt's pairs, in step order, are cut into micro-batches of `micro_batch` pairs; the global
+        round's micro-batches, in (prompt slot, step) order, are shuffled by the round's stream and
+        grouped into optimiser steps of `effective_batch` pairs (a micro-batch is never split, so a step
+        may hold a few more). Each rank runs its own micro-batches of a step, loss summed and divided by
+        the step's global pair count, and the gradients are summed over the ranks (a rank without pairs
+        in a step adds zeros); then clipping and AdamW (the gradient scaler unscales first on an fp16
+        base). Every micro-batch is the same computation on any number of ranks. Returns this round's
+        global statistics."""
+        g = self.group
         mb = self.cfg.micro_batch
-        batches = [pairs[i : i + mb] for i in range(0, len(pairs), mb)]
-        losses, clamps, steps = [], [], 0
+        units = _micro_batches(sorted(pairs, key=lambda p: p.key), mb)  # never across prompts: same on any world size
+        sizes, offset = g.all_concat([len(u) for u in units])  # every rank's, in global (prompt slot) order
+        total = sum(sizes)
+        if total == 0:
+            return {"loss": None, "clamp_share": None, "log_ratio": None, "optimizer_steps": 0}
+        order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(_stream_seed(self.cfg.seed, self.round, "shuffle"))).tolist()
+        windows, current, n = [], [], 0
+        for u in order:  # optimiser steps of effective_batch pairs (a micro-batch is never split)
+            current.append(u)
+            n += sizes[u]
+            if n >= self.pairs_per_step:
+                windows.append((current, n))
+                current, n = [], 0
+        if current:
+            windows.append((current, n))
+        sums = [0.0, 0.0, 0.0]  # loss, ratios at the clamp, |log ratio| (of this rank's pairs)
+        steps = 0
         unet = self.pipe.unet
         if self.cfg.gradient_checkpointing:
             unet.train()
         try:
-            for j, batch in enumerate(batches):
-                trans = [p.win for p in batch] + [p.lose for p in batch]
-                with torch.no_grad():
-                    ref = self._logprobs(trans, cond, self.ref_scales)
-                # with gradient checkpointing, backward recomputes the forward under the policy's scales
-                logp = self._logprobs(trans, cond, self.policy_scales)
-                m = len(batch)
-                loss, clamp = spo_loss(logp[:m], ref[:m], logp[m:], ref[m:], self.cfg.beta, self.cfg.ratio_clip)
-                (loss.mean() / self.cfg.grad_accum).backward()
-                losses.append(float(loss.detach().mean()))
-                clamps.append(clamp)
-                if (j + 1) % self.cfg.grad_accum == 0 or j == len(batches) - 1:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-                    self.opt.step()
-                    self.opt.zero_grad(set_to_none=True)
-                    steps += 1
+            for window, count in windows:
+                for batch in [units[u - offset] for u in window if offset <= u < offset + len(units)]:
+                    trans = [p.win for p in batch] + [p.lose for p in batch]
+                    with torch.no_grad():
+                        ref = self._logprobs(trans, cond, self.ref_scales)
+                    # with gradient checkpointing, backward recomputes the forward under the policy's scales
+                    logp = self._logprobs(trans, cond, self.policy_scales)
+                    m = len(batch)
+                    loss, clamp = spo_loss(logp[:m], ref[:m], logp[m:], ref[m:], self.cfg.beta, self.cfg.ratio_clip)
+                    self.scaler.scale(loss.sum() / count).backward()
+                    sums[0] += float(loss.detach().sum())
+                    sums[1] += clamp * 2 * m
+                    sums[2] += float((logp - ref).detach().abs().sum())
+                g.sum_gradients(self.params)
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.opt.zero_grad(set_to_none=True)
+                steps += 1
         finally:
             unet.eval()
-        return {"loss": sum(losses) / len(losses), "clamp_share": sum(clamps) / len(clamps), "optimizer_steps": steps}
+        loss_sum, clamped, log_ratio = g.all_sum(sums)
+        return {"loss": loss_sum / total, "clamp_share": clamped / (2 * total), "log_ratio": log_ratio / (2 * total),
+                "optimizer_steps": steps}
 
     def run_round(self) -> dict:
         t0 = time.perf_counter()
-        prompts = self.next_prompts()
-        pairs, stats = self.rollout(prompts)
-        stats.update(self.train_on(pairs, self._round_cond))
+        self.faults.round_start(self.group.rank, self.round + 1)
+        prompts, slots = self.next_prompts()
+        pairs, local, cond = self._rollouts(prompts, slots)
+        kept, points, transitions, sw, sl = self.group.all_sum(
+            [local["pairs_kept"], local["branch_points"], local["transitions"], local["score_w_sum"], local["score_l_sum"]])
+        stats = {"pairs_kept": int(kept), "branch_points": int(points), "kept_rate": kept / max(points, 1),
+                 "transitions": int(transitions), "score_w": sw / kept if kept else None, "score_l": sl / kept if kept else None}
+        stats.update(self.train_on(pairs, cond))
         self.round += 1
-        stats.update({"round": self.round, "seconds": time.perf_counter() - t0, "position": self.position})
-        with open(self.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(stats) + "\n")
+        seconds = time.perf_counter() - t0
+        stats.update({"round": self.round, "seconds": seconds, "position": self.position, "world_size": self.group.world,
+                      "pairs_per_step": self.pairs_per_step, "pairs_per_s": transitions / seconds})
+        if self.group.main:
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(stats) + "\n")
         return stats
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -430,7 +563,10 @@ class SPOTrainer:
         """checkpoints/round-N/ written as a temp dir then renamed; `latest.json` replaced atomically.
 
         If anything fails part-way (a full disk), the temp dir is removed and CheckpointWriteError
-        says so: `latest.json` still names the previous checkpoint, whose files were not touched."""
+        says so: `latest.json` still names the previous checkpoint, whose files were not touched.
+        Only rank 0 writes (the ranks hold the same adapter and optimiser state); the others return None."""
+        if not self.group.main:
+            return None
         root = self.out / "checkpoints"
         final = root / f"round-{self.round:06d}"
         tmp = root / f".round-{self.round:06d}.tmp-{os.getpid()}"
@@ -445,9 +581,10 @@ class SPOTrainer:
             }
             state = {
                 "optimizer": self.opt.state_dict(),
-                "torch_rng": self.gen.get_state(),
+                "grad_scaler": self.scaler.state_dict(),
                 "round": self.round,
                 "position": self.position,
+                "world_size": self.group.world,  # for the record: a job may resume on another number of ranks
             }
 
             def write_state(fh):
@@ -513,7 +650,8 @@ class SPOTrainer:
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
             self.opt.load_state_dict(state["optimizer"])
-            self.gen.set_state(state["torch_rng"])
+            if state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
             self.round, self.position = int(state["round"]), int(state["position"])
         except Exception as e:
             raise self._corrupt(path, f"{type(e).__name__}: {e}") from None
@@ -539,17 +677,20 @@ class SPOTrainer:
         return {"files": files, "sha256": hashes}
 
     def train(self, should_stop: Callable[[], bool] = lambda: False, on_round: Callable[[dict], None] | None = None) -> dict:
-        """Rounds until the schedule ends or `should_stop()` (checked at round boundaries)."""
+        """Rounds until the schedule ends or `should_stop()` on any rank (checked at round boundaries;
+        every rank stops at the same one)."""
         last = {}
         while self.round < self.total_rounds:
-            if should_stop():
+            if self.group.any(should_stop()):
                 self.save_checkpoint()
+                self.group.barrier()
                 raise JobCancelled(f"stopped at round {self.round}")
             last = self.run_round()
             if on_round:
                 on_round(last)
             if self.round % self.cfg.checkpoint_every == 0 or self.round == self.total_rounds:
                 self.save_checkpoint()
+                self.group.barrier()  # every rank goes on from a written checkpoint
         return last
 
 
@@ -559,17 +700,50 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def build_trainer(config: TrainConfig, prompts: list[str], out_dir: str | Path,
-                  start_adapter: str | Path | None = None, resume: bool = True) -> SPOTrainer:
-    """The trainer of `python -m spo_runtime train` and of a training job: a pipeline of its own from
-    the SPO_* settings (unfused; base weights in the config's precision, LoRA parameters in float32),
-    resumed from `out_dir`'s last checkpoint when there is one (`trainer.resumed_from`)."""
+                  start_adapter: str | Path | None = None, resume: bool = True, group: Group = LOCAL) -> SPOTrainer:
+    """The trainer of `python -m spo_runtime train` and of a training job (one per rank): a pipeline of
+    its own from the SPO_* settings on the rank's device (unfused; base weights in the config's
+    precision, LoRA parameters and branch in float32), resumed from `out_dir`'s last checkpoint when
+    there is one (`trainer.resumed_from`)."""
     from .models import load_pipeline
     from .settings import Settings
 
     dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(config.mixed_precision)  # "no": the preset's dtype
-    settings = Settings.from_env(lora_fuse=False, dtype=dtype)
+    device = str(group.device) if group.device is not None else None
+    threads = None
+    if group.distributed and group.device.type == "cpu" and not os.environ.get("SPO_TORCH_THREADS"):
+        from .distributed import rank_threads
+
+        threads = rank_threads(group.world)  # the ranks share the cores
+    settings = Settings.from_env(lora_fuse=False, dtype=dtype, device=device, torch_threads=threads)
     pipe = load_pipeline(settings)
-    trainer = SPOTrainer(pipe, config, prompts, out_dir, start_adapter=start_adapter, faults=settings.fault_plan)
+    trainer = SPOTrainer(pipe, config, prompts, out_dir, start_adapter=start_adapter, faults=settings.fault_plan, group=group)
     if resume:
         trainer.load_checkpoint()
     return trainer
+
+
+def train_rank(rank: int, world: int, rendezvous: str | None, devices: list[str], config_json: str, prompts_path: str,
+               out_dir: str, start_adapter: str | None, name: str) -> None:
+    """`python -m spo_runtime train` as rank `rank` of `world` (in its own process when world > 1): rank 0
+    prints each round's statistics as a JSON line, writes the checkpoints and exports the adapter."""
+    from .distributed import ERROR_FILE, Group, join_group
+    from .errors import failure_reason
+
+    group = Group(0, 1, devices[0] if devices and devices[0].startswith("cuda") else None)
+    try:
+        if world > 1:
+            group = join_group(rank, world, rendezvous, devices[rank])
+        cfg = TrainConfig.model_validate_json(config_json)
+        trainer = build_trainer(cfg, read_prompts(prompts_path), out_dir, start_adapter=start_adapter, group=group)
+        if trainer.resumed_from is not None and group.main:
+            print(f"resumed at round {trainer.round}", file=sys.stderr)
+        trainer.train(on_round=lambda s: group.main and print(json.dumps(s), flush=True))
+        if group.main:
+            print(json.dumps(trainer.export(Path(out_dir), name)), flush=True)
+    except BaseException as e:
+        if world > 1:
+            atomic_write(Path(out_dir) / ERROR_FILE.format(rank=rank), failure_reason(e).encode())
+        raise
+    finally:
+        group.close()
