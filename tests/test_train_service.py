@@ -73,6 +73,8 @@ def test_submit_poll_get_load_generate_and_cancel(dirs, tmp_path):
         assert httpx.get(s.url + "/train/status", params={"job_id": "feedbeef"}, headers=AUTH).status_code == 404
 
         job = submit(s, config={**CONFIG, "max_rounds": 3}, output_adapter="mine").json()
+        # its data-parallel shape: one rank on CPU, 8 pairs per step (micro-batch 8 x accumulation 1)
+        assert (job["world_size"], job["pairs_per_step"], job["micro_batch"], job["grad_accum"]) == (1, 8, 8, 1)
         latencies = []
         stop = threading.Event()
 
@@ -93,6 +95,7 @@ def test_submit_poll_get_load_generate_and_cancel(dirs, tmp_path):
         lat = sorted(t for _, t in latencies)
         print(f"/generate during training: {len(lat)} requests, p50 {lat[len(lat) // 2] * 1e3:.0f} ms, max {lat[-1] * 1e3:.0f} ms")
         assert rec["round"] == 3 and rec["pairs_kept"] > 0 and rec["loss"] is not None
+        assert rec["world_size"] == 1 and rec["pairs_per_step"] == 8 and rec["pairs_per_s"] > 0
         assert [h["state"] for h in rec["history"]] == ["queued", "running", "completed"]
 
         got = httpx.get(s.url + "/train/get", params={"job_id": job["job_id"]}, headers=AUTH).json()
@@ -129,6 +132,16 @@ def test_submit_poll_get_load_generate_and_cancel(dirs, tmp_path):
         assert listed["counts"]["completed"] == 1 and listed["counts"]["canceled"] == 1 and listed["counts"]["failed"] == 1
         m = s.metrics()
         assert m['spo_train_jobs{state="completed"}'] == 1 and m.get("spo_train_round_seconds_count", 0) >= 3
+
+        # /train/resume: a canceled job is queued again and goes on from its checkpoint; a completed one cannot
+        r = httpx.post(s.url + "/train/resume", json={"job_id": job["job_id"]}, headers=AUTH)
+        assert r.status_code == 409 and r.json()["detail"][0]["loc"] == ["job_id"], r.text
+        r = httpx.post(s.url + "/train/resume", json={"job_id": second["job_id"]}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["state"] == "queued", r.text
+        rec = wait_for(s, second["job_id"], lambda r: r["state"] == "running" and r.get("resumed_from_round") == ckpt["round"])
+        assert httpx.post(s.url + "/train/cancel", json={"job_id": second["job_id"]}, headers=AUTH).status_code == 200
+        rec = wait_for(s, second["job_id"], lambda r: r["state"] == "canceled")
+        assert rec["round"] >= ckpt["round"] and rec["resumes"] == 1
 
 
 def test_stopped_and_killed_server_jobs_are_interrupted_and_resume(dirs, tmp_path):
