@@ -13,6 +13,10 @@
   (`--parent-pid`) and exits if not, as the server may have died before the request.
 - The trainer holds `<dir>/.lock` for its life, so two trainers never write one job. It checks for
   `<dir>/cancel` and for SIGTERM at round boundaries and checkpoints before it stops.
+- A job of N > 1 data-parallel ranks runs them as N processes under the trainer process
+  (`distributed.launch`): it forwards SIGTERM to them, and when one dies it stops the others and
+  fails the job with the rank and the reason. `JobStore.resume` queues a failed, canceled or
+  interrupted job again; it goes on from its last checkpoint.
 """
 
 from __future__ import annotations
