@@ -9,7 +9,9 @@ back what was there on exit). A wrapped layer computes
 
 One adapter may be fused into the base weights at a scale s_f: rows at s_f then cost no LoRA
 compute, and other rows run only the residual s_i - s_f. Fusing always starts from a pristine copy
-of the base weight, so re-fusing at another scale accumulates no rounding.
+of the base weight, so re-fusing at another scale accumulates no rounding. With SPO_LORA_ROW_SUBSET,
+rows at s_f also skip the branch when the others are few (it runs on those rows alone). A base
+quantized by SPO_QUANT keeps its branch in the pipeline's dtype; unfusing re-quantizes the restored weight.
 
 Text-encoder layers of an adapter (`text_encoder.<path>`, `text_encoder_2.<path>`) are wrapped the same
 way but read their scales from a second context, `te_ctx`, set by `with registry.text_scales(rows):`
@@ -27,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +41,12 @@ from .lora_format import LoraFile, LoraModuleWeights, is_text_encoder_module, mo
 
 
 class LoraContext:
-    """Per-forward scales shared by every wrapped layer: {adapter: (B,) residual scale}."""
+    """Per-forward scales shared by every wrapped layer: {adapter: (B,) residual scale}, and for an adapter
+    whose branch only some rows need, those rows: {adapter: (k,) row indices} (absent: every row)."""
 
     def __init__(self) -> None:
         self.terms: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
 
 
 def _row_view(s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,15 @@ class _LoraLayer(nn.Module):
         out = self.base_layer(x)
         for name, s in self.ctx.terms.items():
             w = self.adapters.get(name)
-            if w is not None:
+            if w is None:
+                continue
+            idx = self.ctx.rows.get(name)
+            if idx is not None and not torch.is_grad_enabled() and not _fp32_branch(x, w[0]):
+                # Only rows idx need the branch (the others sit at the fused scale): run it on them alone,
+                # so they cost only their own LoRA FLOPs, and add the result into their rows of `out`.
+                sub = self.add_branch(out.index_select(0, idx), x.index_select(0, idx), s.index_select(0, idx), *w)
+                out.index_copy_(0, idx, sub)  # `out` is this call's own fresh tensor (no grad here)
+            else:
                 out = self.add_branch(out, x, s, *w)
         return out
 
@@ -175,6 +187,11 @@ class LoraRegistry:
         self.fused: tuple[str, float] | None = None
         self.lock = threading.RLock()  # loads/unloads vs. the step loop
         self._layers: dict[str, _LoraLayer] = {}
+        # Rows whose residual is 0 skip an adapter's branch when at most this share of the batch needs it
+        # (SPO_LORA_ROW_SUBSET; 0: never. Eager only: each subset size would be a new compiled graph).
+        self.row_subset_share = 0.0
+        # SPO_QUANT: re-quantizes a Linear whose float weight was just restored (unfuse); None: not quantized
+        self.requantize: Callable[[nn.Module], None] | None = None
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -290,6 +307,9 @@ class LoraRegistry:
                 for module in adapter.unet_modules:  # text-encoder layers are never fused
                     layer = self._layers[module]
                     w = layer.base_layer.weight
+                    if _quantized(w):
+                        raise LoraFormatError(f"adapter: {name!r} cannot be fused into quantized (SPO_QUANT) weights; "
+                                              "the default adapter is fused at load, before quantizing")
                     layer.pristine = w.detach().to(self.pristine_device, copy=True)
                     fused = layer.pristine.to(w.device, torch.float32) + scale * layer.delta(name)
                     w.data.copy_(fused.to(w.dtype))
@@ -300,9 +320,15 @@ class LoraRegistry:
         """Restore every fused layer's pristine weight, bit for bit."""
         with self.lock:
             for layer in self._layers.values():
-                if layer.pristine is not None:
-                    layer.base_layer.weight.data.copy_(layer.pristine.to(layer.base_layer.weight.device))
-                    layer.pristine = None
+                if layer.pristine is None:
+                    continue
+                base = layer.base_layer
+                if _quantized(base.weight):  # SPO_QUANT: restore the float weight, then quantize it again
+                    base.weight = nn.Parameter(layer.pristine.to(base.weight.device), requires_grad=False)
+                    self.requantize(base)
+                else:
+                    base.weight.data.copy_(layer.pristine.to(base.weight.device))
+                layer.pristine = None
             self.fused = None
 
     # -- per-row scales ----------------------------------------------------------------------
@@ -315,13 +341,14 @@ class LoraRegistry:
 
         Backward after the block is safe with gradient checkpointing enabled through
         `enable_gradient_checkpointing`: its recomputation re-enters the scales of the forward."""
-        terms = self._terms(rows)
-        prev = self.ctx.terms
-        self.ctx.terms = terms
+        residuals = self._residuals(rows)
+        terms = {n: torch.tensor(r, dtype=self.dtype, device=self.device) for n, r in residuals.items()}
+        prev = self.ctx.terms, self.ctx.rows
+        self.ctx.terms, self.ctx.rows = terms, self._row_subsets(residuals)
         try:
             yield terms
         finally:
-            self.ctx.terms = prev
+            self.ctx.terms, self.ctx.rows = prev
 
     @contextlib.contextmanager
     def text_scales(self, rows: list[dict[str, float]]) -> Iterator[dict[str, torch.Tensor]]:
@@ -340,7 +367,8 @@ class LoraRegistry:
         finally:
             self.te_ctx.terms = prev
 
-    def _terms(self, rows: list[dict[str, float]]) -> dict[str, torch.Tensor]:
+    def _residuals(self, rows: list[dict[str, float]]) -> dict[str, list[float]]:
+        """{adapter: each row's scale minus the fused scale}, for adapters with a non-zero residual somewhere."""
         for row in rows:
             for name in row:
                 if name not in self.adapters:
@@ -352,8 +380,18 @@ class LoraRegistry:
             base = fused_scale if name == fused_name else 0.0
             residual = [row.get(name, 0.0) - base for row in rows]
             if any(r != 0.0 for r in residual):
-                terms[name] = torch.tensor(residual, dtype=self.dtype, device=self.device)
+                terms[name] = residual
         return terms
+
+    def _row_subsets(self, residuals: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+        """{adapter: indices of the rows with a non-zero residual}, for adapters where they are at most
+        `row_subset_share` of the batch (the others run the branch on every row)."""
+        out = {}
+        for name, r in residuals.items():
+            idx = [i for i, v in enumerate(r) if v != 0.0]
+            if len(idx) < len(r) and len(idx) <= self.row_subset_share * len(r):
+                out[name] = torch.tensor(idx, dtype=torch.long, device=self.device)
+        return out
 
     def enable_gradient_checkpointing(self) -> None:
         """Checkpoint the UNet's blocks (recompute their forward in backward, to save activation
@@ -385,6 +423,11 @@ class LoraRegistry:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.adapters.values())
+
+
+def _quantized(w: torch.Tensor) -> bool:
+    """A weight replaced by a tensor subclass (torchao's float8 tensors)."""
+    return type(w) not in (torch.Tensor, nn.Parameter)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
