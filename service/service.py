@@ -110,10 +110,10 @@ class SPOService:
             self.supervisor = Supervisor(self.jobs, env=dict(os.environ), train_device=s.train_device,
                                          max_jobs=s.max_train_jobs, on_change=lambda c: [metrics.train_jobs.labels(k).set(v) for k, v in c.items()]).start()
             t0 = time.perf_counter()
+            if self.pipe.compiled:  # each batch bucket's fused and residual-LoRA graphs (cached under SPO_DATA_DIR)
+                warm = self.engine.call(self.pipe.warm_up).result()
+                log.info("compiled graphs warm in %.1fs (%s)", warm["total_s"], self.pipe.compile_why)
             self.engine.generate_sync([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2}])
-            if s.compile:  # also compile the residual-LoRA graph before the first request needs it
-                self.engine.generate_sync([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2,
-                                            "lora_scale": 0.5 if self.pipe.default_lora_scale != 0.5 else 0.25}])
             log.info("warm-up image in %.2fs; ready", time.perf_counter() - t0)
             self.ready = True
         except Exception as e:  # keep the process up and say why on /livez and /readyz

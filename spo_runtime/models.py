@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import tiny
+from . import attention, compiling, fp8, tiny
 from .errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError, NonFiniteError
 from .lora import LoraRegistry
 from .lora_format import LoraFile, LoraModuleWeights, lora_state_dict, save_lora_file
@@ -72,6 +72,8 @@ def resolve(settings: Settings) -> tuple[Preset, torch.device, torch.dtype]:
         dtype = _DTYPES[settings.dtype]
     elif device.type == "cpu":
         dtype = torch.float32
+    elif settings.quant == "fp8":
+        dtype = torch.bfloat16  # per-row float8 scaling starts from bf16 weights
     else:
         # fp16 with the fp16-fix VAE for real weights; bf16 for random weights (fp32's range).
         dtype = torch.bfloat16 if name == "sdxl-random" else torch.float16
@@ -86,6 +88,8 @@ def load_pipeline(settings: Settings | None = None) -> SpoPipeline:
     """Load the preset named by `settings` (default: from SPO_* variables) and keep it resident."""
     settings = settings or Settings.from_env()
     preset, device, dtype = resolve(settings)
+    if settings.quant == "fp8":
+        fp8.check_supported(device, dtype)  # before minutes of loading: a clear ConfigError naming SPO_QUANT
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     t0 = time.perf_counter()
@@ -361,9 +365,102 @@ class SpoPipeline:
             self.default_adapter = DEFAULT_ADAPTER
             if settings.lora_fuse:
                 self.registry.fuse(DEFAULT_ADAPTER, self.default_lora_scale)
-        if settings.compile:
+        self._setup_speed_paths(settings)
+
+    def _setup_speed_paths(self, settings: Settings) -> None:
+        """SPO_QUANT, SPO_SDPA_BACKEND, SPO_COMPILE (with SPO_COMPILE_VAE) and SPO_BATCH_BUCKETS, in that order:
+        quantize after the default adapter is fused, measure attention before compiling around it."""
+        self.quant = {"quant": "none"}
+        if settings.quant == "fp8":
+            fp8.check_supported(self.device, self.dtype)
+            self.quant = fp8.quantize_unet(self.unet)
+            self.registry.requantize = lambda m: fp8.quantize(m, [""])
+        self.sdpa = {"backend": self.attention, "how": "SPO_ATTENTION", "ms": None}
+        if self.attention == "sdpa":
+            shape = attention.probe_shape(self.unet.config, self.preset.default_size, self.vae_scale)
+            self.sdpa = attention.choose(settings.sdpa_backend, shape, self.device, self.dtype)
+        self.registry.row_subset_share = settings.lora_row_subset
+        cache_root = settings.data_dir / "compile_cache"
+        self.compiled, why = compiling.enabled(settings.compile, self.device, cache_root)
+        self.compile_cache: compiling.CompileCache | None = None
+        self.vae_compiled = False
+        self._vae_decode = self._decode_latents
+        if self.compiled:
+            key = {"torch": torch.__version__, "device": _device_name(self.device), "dtype": str(self.dtype),
+                   "preset": self.preset.name, "sources": json.dumps(self.sources, sort_keys=True, default=str),
+                   "mode": settings.compile_mode, "backend": settings.compile_backend, "quant": settings.quant,
+                   "sdpa": self.sdpa["backend"], "vae": settings.compile_vae}
+            self.compile_cache = compiling.CompileCache(cache_root, key)
+            self.compile_cache.activate()
             # static shapes; the LoRA layers stay inside the graph (their scales are inputs)
-            self.unet = torch.compile(self.unet, dynamic=False)
+            self.unet = compiling.compile_module(self.unet, settings.compile_backend, settings.compile_mode)
+            self.registry.row_subset_share = 0.0  # a row subset's size would be a new graph
+            if settings.compile_vae:
+                self.compile_vae(settings.compile_backend, settings.compile_mode)
+        on = settings.batch_buckets is True or (settings.batch_buckets == "auto" and self.compiled)
+        self.unet_buckets = compiling.buckets(2 * settings.max_batch) if on else None  # CFG doubles the rows
+        self.vae_buckets = compiling.buckets(settings.max_batch) if on else None
+        self.compile_why = why
+        self.warm_up_s: float | None = None
+
+    def compile_vae(self, backend: str = "inductor", mode: str = "default") -> None:
+        """The VAE channels-last (its convolutions' fast layout on tensor cores) and its decode compiled."""
+        self.vae = self.vae.to(memory_format=torch.channels_last)
+        self._vae_decode = compiling.compile_module(self._decode_latents, backend, mode)
+        self.vae_compiled = True
+
+    def _decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vae_compiled:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.vae.decode(z, return_dict=False)[0]
+
+    @torch.inference_mode()
+    def warm_up(self, size: int | None = None, unet_rows: tuple[int, ...] | None = None,
+                vae_rows: tuple[int, ...] | None = None, into: dict | None = None) -> dict:
+        """Compile the graphs requests meet at `size` (default: the preset's) before the first request: each
+        UNet bucket of `unet_rows` (default: those a batch with CFG lands in, 2 and up; a batch of only
+        unguided rows compiles bucket 1 when it first comes) with the fused scale (no LoRA branch) and with a
+        residual scale (the branch), and each VAE bucket of `vae_rows` (default: all); then save the cache
+        artifacts. Seconds per graph, for the log and the GPU suite (filled into `into` as each finishes)."""
+        size = size or self.preset.default_size
+        if unet_rows is None:
+            unet_rows = tuple(b for b in self.unet_buckets if b >= 2) if self.unet_buckets else (2,)
+        if vae_rows is None:
+            vae_rows = self.vae_buckets or (1,)
+        t_all = time.perf_counter()
+        out = into if into is not None else {}
+        out.update(unet={}, vae={})
+        name = self.default_adapter
+        fused = self.registry.fused[1] if self.registry.fused and self.registry.fused[0] == name else 0.0
+        graphs = {"fused": {name: fused} if name else {}}
+        if name:
+            graphs["residual"] = {name: 0.5 if fused != 0.5 else 0.25}
+        h = w = size // self.vae_scale
+        d = self.text_encoders[0].config.hidden_size + self.text_encoders[1].config.hidden_size
+        p = self.text_encoders[1].config.projection_dim
+        for b in unet_rows:
+            for kind, row in graphs.items():
+                t0 = time.perf_counter()
+                x = torch.randn(b, self.latent_channels, h, w, device=self.device, dtype=self.dtype)
+                enc = torch.randn(b, 77, d, device=self.device, dtype=self.dtype)
+                pooled = torch.randn(b, p, device=self.device, dtype=self.dtype)
+                time_ids = torch.tensor([[size, size, 0, 0, size, size]] * b, dtype=self.dtype, device=self.device)
+                t = torch.full((b,), 999.0, device=self.device)  # float32, as model_inputs makes it
+                with self.registry.row_scales([row] * b), attention.context(self.sdpa["backend"]):
+                    self.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                              return_dict=False)
+                _sync(self.device)
+                out["unet"][f"{kind}_b{b}"] = round(time.perf_counter() - t0, 3)
+        if self.vae_compiled:
+            for b in vae_rows:
+                t0 = time.perf_counter()
+                self._vae_decode(torch.randn(b, self.latent_channels, h, w, device=self.device, dtype=self.vae.dtype))
+                _sync(self.device)
+                out["vae"][f"b{b}"] = round(time.perf_counter() - t0, 3)
+        if self.compile_cache is not None:
+            out["cache_saved_bytes"] = self.compile_cache.save()
+        out["total_s"] = self.warm_up_s = round(time.perf_counter() - t_all, 3)
+        return out
 
     def _set_attention(self, backend: str) -> None:
         if backend == "xformers":
@@ -586,12 +683,18 @@ class SpoPipeline:
         enc = torch.cat([cond["negative_embeds"].index_select(0, c), cond["prompt_embeds"]])
         pooled = torch.cat([cond["negative_pooled"].index_select(0, c), cond["pooled"]])
         time_ids = torch.cat([cond["time_ids"].index_select(0, c), cond["time_ids"]])
-        with self.registry.row_scales([scales[i] for i in cfg] + list(scales)) as terms:
+        row_scales = [scales[i] for i in cfg] + list(scales)
+        rows = len(row_scales)
+        b = compiling.bucket(rows, self.unet_buckets)
+        if b > rows:  # pad to the bucket (a compiled graph per bucket, not per size); padded rows are dropped
+            unet_x, unet_t, enc, pooled, time_ids = (compiling.pad_rows(v, b) for v in (unet_x, unet_t, enc, pooled, time_ids))
+            row_scales += [row_scales[-1]] * (b - rows)
+        with self.registry.row_scales(row_scales) as terms, attention.context(self.sdpa["backend"]):
             self._last_adapters = list(terms)
             pred = self.unet(
                 unet_x, unet_t, encoder_hidden_states=enc,
                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False,
-            )[0]
+            )[0][:rows]
         n = len(cfg)
         eps = pred[n:]
         if n:
@@ -634,7 +737,8 @@ class SpoPipeline:
             z = z * std / cfg.scaling_factor + mean
         else:
             z = z / cfg.scaling_factor
-        img = self.vae.decode(z, return_dict=False)[0]
+        b = compiling.bucket(len(states), self.vae_buckets)
+        img = self._vae_decode(compiling.pad_rows(z, b))[: len(states)]
         bad |= ~torch.isfinite(img).flatten(1).all(dim=1)
         # diffusers' VaeImageProcessor.postprocess: [-1, 1] -> [0, 1] -> round(x * 255)
         arr = (img / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
@@ -723,6 +827,17 @@ class SpoPipeline:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attention,
+            "speed": {
+                "sdpa": self.sdpa,
+                "compile": {"on": self.compiled, "why": self.compile_why, "mode": self.settings.compile_mode,
+                            "backend": self.settings.compile_backend, "vae": self.vae_compiled,
+                            "warm_up_s": self.warm_up_s,
+                            "cache": self.compile_cache.info(show_paths) if self.compile_cache else None},
+                "batch_buckets": {"unet": list(self.unet_buckets) if self.unet_buckets else None,
+                                  "vae": list(self.vae_buckets) if self.vae_buckets else None},
+                "quant": self.quant,
+                "lora_row_subset": self.registry.row_subset_share,
+            },
             "default_lora_scale": self.default_lora_scale,
             "default_adapter": self.default_adapter,
             "fused": {"adapter": self.registry.fused[0], "scale": self.registry.fused[1]} if self.registry.fused else None,
@@ -731,6 +846,15 @@ class SpoPipeline:
             "size_range": list(self.preset.size_range),
             "version": __version__,
         }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _place(m: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -48,7 +48,43 @@ class Settings(BaseModel):
     adapter_memory_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
     embed_cache_size: int = Field(512, ge=0)
     torch_threads: int | None = Field(None, ge=1)
-    compile: bool = False
+    # GPU speed paths (issue 18; README "GPU speed paths"). Off by default until measured on a GPU.
+    compile: bool | str = Field(
+        False, description="torch.compile the UNet (and the VAE decode): true, false, or auto (on with CUDA when the "
+                           "compile cache under SPO_DATA_DIR is writable)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead captures CUDA graphs")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend; aot_eager and eager trace without code generation (CPU tests)")
+    compile_vae: bool = Field(True, description="with SPO_COMPILE on: the VAE decode channels-last and compiled too")
+    batch_buckets: bool | str = Field(
+        "auto", description="pad each UNet and VAE call to the next power of two rows (padded rows dropped) so the "
+                            "number of compiled graphs stays bounded; auto: when compiled")
+    quant: Literal["none", "fp8"] = Field(
+        "none", description="fp8: the UNet's transformer Linear layers in float8 (torchao, dynamic per-row), "
+                            "on CUDA GPUs with FP8 (compute capability >= 8.9) and SPO_DTYPE=bfloat16")
+    lora_row_subset: float = Field(
+        0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="an adapter's branch runs on only the rows that need it (a scale other than the fused one) when "
+                    "they are at most this share of the batch; 0: every row (eager only; a compiled UNet runs every row)")
+    sdpa_backend: Literal["default", "auto", "cudnn", "flash", "efficient", "math"] = Field(
+        "default", description="attention kernel: default (torch's choice), auto (the fastest measured at start-up), "
+                               "or one backend")
+
+    @field_validator("compile", "batch_buckets", mode="before")
+    @classmethod
+    def _bool_or_auto(cls, v):
+        """true/false (and the other boolean spellings) or auto."""
+        if isinstance(v, bool):
+            return v
+        word = str(v).strip().lower()
+        if word == "auto":
+            return "auto"
+        if word in ("true", "1", "yes", "on", "t", "y"):
+            return True
+        if word in ("false", "0", "no", "off", "f", "n"):
+            return False
+        raise ValueError(f"must be true, false or auto, got {v!r}")
 
     # -- the engine --------------------------------------------------------------------------
     max_batch: int = Field(8, ge=1, le=256, description="images per UNet call")
