@@ -53,9 +53,10 @@ load: $(STAMP)
 		--csv benchmarks/out/load --html benchmarks/out/load.html $(LOCUST_ARGS)
 
 # Wheels the GPU machine lacks (it has torch, transformers, peft, safetensors; not diffusers or pydantic),
-# for Python 3.12 x86-64; our package itself travels as source (PYTHONPATH=.).
+# for Python 3.12 x86-64; our package itself travels as source (PYTHONPATH=.). torchao 0.18.0 (SPO_QUANT=fp8,
+# one abi3 wheel for Python >= 3.10) imported and ran float8 on the GPU machine's torch 2.11 (PERF_NOTES).
 GPU_WHEELS := diffusers==0.42.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.7.0 \
-	typing-inspection==0.4.5 typing_extensions==4.16.0 importlib_metadata
+	typing-inspection==0.4.5 typing_extensions==4.16.0 importlib_metadata torchao==0.18.0
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,7 +1,17 @@
-"""The GPU suite: the card's ceilings, diffusers baselines and spo_runtime on full-size SDXL, the floor.
+"""The GPU suite: the card's ceilings, diffusers baselines and spo_runtime on full-size SDXL, the floor,
+and every speed path (compile, CUDA graphs, compiled VAE, FP8, the SDPA pick) against bf16 eager.
 
-    python benchmarks/gpu_suite.py [--only ceilings,baselines,ours,compile,train] [--json out.json]
+    python benchmarks/gpu_suite.py [--only ours,compile,fp8,vae,cudagraphs,sdpa,ceilings,baselines,train]
+                                   [--budget-s 600] [--cap-s 300] [--json out.json]
     python benchmarks/gpu_suite.py --smoke      # same code paths on CPU with the tiny preset, seconds
+
+Sections run in the order given (the default order is their priority), each under a time cap (`--cap-s`, and
+never past what is left of `--budget-s`; a section that would start with under `--min-left-s` left is
+skipped): a cut-off section is recorded as such and the JSON is written after every section, so a run the
+machine's time limit cuts short still reports what it did. The speed-path sections compare the images of
+8 fixed requests (`fixed_requests`) with those of bf16 eager (`ours`): PSNR over all pixels, the worst
+request's PSNR and the largest pixel difference. `compile` also times a cold start (empty cache) and a
+warm start (the cache that run left) in fresh processes (`--start-probe`).
 
 Writes benchmarks/results/gpu_suite.json by default (--smoke: benchmarks/out/gpu_suite_smoke.json);
 the goals the figures are held against are in benchmarks/RESULTS.md.
@@ -19,11 +29,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -85,12 +100,12 @@ def ceilings(device, smoke: bool) -> dict:
     return {"matmul_tflops": tflops, "matmul_dtype": str(dtype).removeprefix("torch."), "copy_gb_s": gbs}
 
 
-def settings_for(args):
+def settings_for(args, dtype: str | None = None):
     from spo_runtime import Settings
 
     if args.smoke:
-        return Settings(model="tiny", device="cpu")
-    return Settings(model="sdxl-random", device="cuda", dtype=args.dtype)
+        return Settings(model="tiny", device="cpu", dtype=dtype)
+    return Settings(model="sdxl-random", device="cuda", dtype=dtype or args.dtype)
 
 
 def run_ours(pipe, batch: int, scales: list[float], steps: int, size: int, repeats: int) -> dict:
@@ -175,36 +190,204 @@ def floor_share(row: dict, tflops: float | None, smoke: bool) -> float | None:
     return achieved / tflops
 
 
-def compile_section(pipe, args, steps, size) -> dict:
-    """torch.compile the UNet: compile time, steady state, and what a LoRA-scale change costs."""
-    import torch._dynamo as dynamo
+def fixed_requests(n: int, steps: int, size: int) -> list[dict]:
+    """The suite's fixed requests: the same prompts, seeds and default scale in every section."""
+    return [dict(prompt=f"a photo of a fox in the snow, number {i}", seed=100 + i, num_inference_steps=steps,
+                 width=size, height=size, guidance_scale=5.0) for i in range(n)]
 
+
+def images_of(pipe, reqs: list[dict]) -> np.ndarray:
+    """(n, H, W, 3) uint8 images of `reqs`, generated in one batch."""
+    return np.stack([np.asarray(r.image) for r in pipe.generate(reqs)])
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray) -> dict:
+    """PSNR over every pixel of every image, the worst image's PSNR, the largest pixel difference."""
+    d = ref.astype(np.float64) - got.astype(np.float64)
+
+    def psnr(mse):
+        return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+    per = [psnr(float((x**2).mean())) for x in d]
+    return {"psnr_db": round(psnr(float((d**2).mean())), 2), "psnr_min_db": round(min(per), 2),
+            "max_diff": int(np.abs(d).max()), "images": len(ref)}
+
+
+class Refs:
+    """bf16 (smoke: float32 or bf16) eager images of the fixed requests, by dtype, computed once."""
+
+    def __init__(self, args, n, steps, size):
+        self.args, self.n, self.steps, self.size, self.images = args, n, steps, size, {}
+
+    def put(self, dtype: str, pipe) -> None:
+        self.images[dtype] = images_of(pipe, fixed_requests(self.n, self.steps, self.size))
+
+    def get(self, dtype: str) -> np.ndarray:
+        if dtype not in self.images:
+            from spo_runtime import load_pipeline
+
+            pipe = load_pipeline(settings_for(self.args, dtype=dtype))
+            self.put(dtype, pipe)
+            pipe = None
+            release_memory()
+        return self.images[dtype]
+
+
+def speed_settings(args, data_dir: str, **kw):
+    """Settings of a speed path: the suite's model, compile with the CPU backend in smoke."""
+    s = settings_for(args, **({"dtype": kw.pop("dtype")} if "dtype" in kw else {}))
+    if args.smoke:
+        kw.setdefault("compile_backend", "eager")  # dynamo tracing only: no minutes of CPU code generation
+    return s.model_copy(update={"data_dir": Path(data_dir), "max_batch": args.max_batch, **kw})
+
+
+def start_probe(spec_json: str) -> dict:
+    """A server's start in this (fresh) process: load, warm the compiled graphs of `unet_rows` and `vae_rows`
+    (the service warms every bucket; the suite the ones its rows use), one image; seconds."""
+    from spo_runtime import Settings, load_pipeline
+
+    spec = json.loads(spec_json)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(Settings(**spec["settings"]))
+    load_s = time.perf_counter() - t0
+    warm = pipe.warm_up(unet_rows=tuple(spec["unet_rows"]), vae_rows=tuple(spec["vae_rows"]))
+    pipe.generate([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2}])
+    return {"load_s": round(load_s, 2), "warm_up": warm, "ready_s": round(time.perf_counter() - t0, 2),
+            "compiled": pipe.compiled, "cache": pipe.compile_cache.info() if pipe.compile_cache else None}
+
+
+def run_probe(settings, unet_rows, vae_rows, timeout: float) -> dict:
+    """`start_probe` in a fresh process (a restart: nothing compiled in memory; the disk caches as left)."""
+    env = dict(os.environ)
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    spec = json.dumps({"settings": json.loads(settings.model_dump_json()), "unet_rows": list(unet_rows), "vae_rows": list(vae_rows)})
+    try:
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--start-probe", spec], capture_output=True,
+                           text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no answer within {timeout:.0f}s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode or not lines:
+        return {"error": (r.stderr or r.stdout)[-800:]}
+    return json.loads(lines[-1])
+
+
+def graphs_now() -> int:
     from torch._dynamo.utils import counters
 
-    out = {}
-    if args.smoke:  # dynamo tracing only: the code path without minutes of CPU code generation
-        pipe.unet = torch.compile(pipe.unet, backend="eager", dynamic=False)
-    else:
-        pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode, dynamic=False)
-    frames0 = counters["stats"]["unique_graphs"]
+    return int(counters["stats"]["unique_graphs"])
+
+
+def path_rows(pipe, refs, ref_dtype, args, steps, size) -> dict:
+    """A speed path's rows: batch 1 and batch-max timing, mixed scales, fidelity against bf16 eager."""
+    b = args.max_batch
+    out = {"b1": run_ours(pipe, 1, [pipe.default_lora_scale], steps, size, args.repeats),
+           f"b{b}": run_ours(pipe, b, [pipe.default_lora_scale] * b, steps, size, args.repeats)}
+    mixed = [round(-1 + 2 * i / max(b - 1, 1), 3) for i in range(b)]
+    out[f"b{b}_mixed"] = {**run_ours(pipe, b, mixed, steps, size, args.repeats), "scales": mixed}
+    g0 = graphs_now()
+    out["fidelity"] = fidelity(refs.get(ref_dtype), images_of(pipe, fixed_requests(refs.n, steps, size)))
+    out["graphs_compiled_by_fixed_requests"] = graphs_now() - g0
+    return out
+
+
+def compile_section(args, refs, steps, size, cap_s, out: dict, mode="default") -> None:
+    """SPO_COMPILE, filling `out` as it goes (a cut-off run keeps the parts done): a cold start in this process
+    (fresh cache under a new SPO_DATA_DIR; nothing compiled here before), the rows (b1, b-max, mixed, fidelity),
+    what scale changes compile after the warm-up, then a warm start in a fresh process on the cache left."""
+    import torch._dynamo as dynamo
+
+    from spo_runtime import load_pipeline
+
+    b = args.max_batch
+    unet_rows, vae_rows = tuple(sorted({2, 2 * b})), tuple(sorted({1, b}))  # what b1 and b-max with CFG use
+    s = speed_settings(args, tempfile.mkdtemp(prefix="spo-compile-"), compile=True, compile_mode=mode)
     t0 = time.perf_counter()
-    run_ours(pipe, 1, [pipe.default_lora_scale], 2, size, 0)
-    out["compile_s"] = time.perf_counter() - t0
-    out["b1"] = run_ours(pipe, 1, [pipe.default_lora_scale], steps, size, args.repeats)
-    graphs_before = counters["stats"]["unique_graphs"]
+    pipe = load_pipeline(s)
+    out["warm_up"] = {}
+    pipe.warm_up(unet_rows=unet_rows, vae_rows=vae_rows, into=out["warm_up"])  # filled graph by graph
+    out["cold_start_s"] = round(time.perf_counter() - t0, 2)
+    g0 = graphs_now()
+    out.update(path_rows(pipe, refs, args.dtype if not args.smoke else "float32", args, steps, size))
+    out["graphs_after_warm_up"] = graphs_now() - g0  # every call above used a warmed graph: 0
     swap = pipe.set_default_lora_scale(0.5)
     out["scale_swap_ms"] = swap["swap_ms"]
-    t1 = time.perf_counter()
+    g1 = graphs_now()
     run_ours(pipe, 1, [0.5], 2, size, 0)
-    out["first_call_after_swap_s"] = time.perf_counter() - t1
-    out["graphs_compiled_by_swap"] = counters["stats"]["unique_graphs"] - graphs_before
     run_ours(pipe, 1, [0.7], 2, size, 0)
-    out["graphs_compiled_by_second_swap"] = counters["stats"]["unique_graphs"] - graphs_before - out["graphs_compiled_by_swap"]
-    pipe.set_default_lora_scale(1.0)
-    out["graphs_total"] = counters["stats"]["unique_graphs"] - frames0
-    pipe.unet = pipe.unet._orig_mod
+    out["graphs_compiled_by_scale_changes"] = graphs_now() - g1
+    out["info"] = pipe.info()["speed"]
+    pipe = None
     dynamo.reset()
+    release_memory()
+    # a restart on the cache just written; on CPU the eager backend writes no kernels, so the smoke's probe
+    # starts uncompiled: the same fresh-process code path in seconds
+    probe = s if not args.smoke else s.model_copy(update={"compile": False})
+    out["warm_start"] = run_probe(probe, unet_rows, vae_rows, max(cap_s - (time.perf_counter() - t0), 10.0))
+
+
+def vae_section(args, steps, size) -> dict:
+    """The VAE decode at batch max, eager then channels-last and compiled: ms per batch, fidelity."""
+    import torch._dynamo as dynamo
+
+    from spo_runtime import load_pipeline
+
+    pipe = load_pipeline(speed_settings(args, tempfile.mkdtemp(prefix="spo-vae-")))
+    states = pipe.prepare(fixed_requests(args.max_batch, steps, size))
+    for _ in range(steps):
+        pipe.denoise(states)
+    lat = [s.latents for s in states]
+
+    def decode():
+        for s, z in zip(states, lat):
+            s.latents = z
+        sync(pipe.device)
+        t0 = time.perf_counter()
+        imgs = pipe.decode(states)
+        sync(pipe.device)
+        return time.perf_counter() - t0, np.stack([np.asarray(i.image) for i in imgs])
+
+    decode()
+    eager_s, eager = min((decode() for _ in range(args.repeats + 1)), key=lambda r: r[0])
+    t0 = time.perf_counter()
+    pipe.compile_vae(pipe.settings.compile_backend if not args.smoke else "eager", args.compile_mode)
+    decode()
+    compile_s = time.perf_counter() - t0
+    comp_s, comp = min((decode() for _ in range(args.repeats + 1)), key=lambda r: r[0])
+    dynamo.reset()
+    return {"batch": args.max_batch, "eager_ms": eager_s * 1e3, "compiled_ms": comp_s * 1e3, "compile_s": compile_s,
+            "ms_per_image_eager": eager_s * 1e3 / args.max_batch, "ms_per_image_compiled": comp_s * 1e3 / args.max_batch,
+            "fidelity": fidelity(eager, comp)}
+
+
+def fp8_section(args, refs, steps, size) -> dict:
+    """SPO_QUANT=fp8 against bf16 eager on the fixed requests (PSNR, max difference), and its speed.
+    Smoke: the tiny model in bf16 on CPU with torchao's hardware check passed over (torchao's float8
+    kernels run on CPU, slowly): the same quantization, layer choice and LoRA branch; no speed meaning."""
+    from spo_runtime import fp8, load_pipeline
+
+    s = speed_settings(args, tempfile.mkdtemp(prefix="spo-fp8-"), quant="fp8", dtype="bfloat16")
+    if args.smoke:
+        import torchao.quantization.quant_api as qa
+
+        fp8.check_supported = lambda device, dtype: None
+        qa._check_hardware_support = lambda granularity: None
+    pipe = load_pipeline(s)
+    out = path_rows(pipe, refs, "bfloat16", args, steps, size)
+    out["quant"] = pipe.quant
+    out["non_finite_rows"] = sum(r.get("non_finite", 0) for r in out.values() if isinstance(r, dict))
     return out
+
+
+def sdpa_section(args, refs, steps, size) -> dict:
+    """SPO_SDPA_BACKEND=auto: what it measured and picked, and the images against torch's default."""
+    from spo_runtime import load_pipeline
+
+    pipe = load_pipeline(speed_settings(args, tempfile.mkdtemp(prefix="spo-sdpa-"), sdpa_backend="auto"))
+    b = args.max_batch
+    return {"pick": pipe.sdpa, f"b{b}": run_ours(pipe, b, [pipe.default_lora_scale] * b, steps, size, args.repeats),
+            "fidelity": fidelity(refs.get(args.dtype if not args.smoke else "float32"),
+                                 images_of(pipe, fixed_requests(refs.n, steps, size)))}
 
 
 def train_section(args, steps, size) -> dict:
@@ -237,56 +420,87 @@ def train_section(args, steps, size) -> dict:
     return out
 
 
+class SectionTimeout(Exception):
+    """A section ran past its cap (SIGALRM)."""
+
+
+def _alarm(signum, frame):
+    raise SectionTimeout()
+
+
+ORDER = "ceilings,ours,compile,fp8,vae,cudagraphs,sdpa,baselines,train"  # by priority
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="ceilings,baselines,ours,compile,train")
+    ap.add_argument("--only", default=ORDER, help=f"sections, run in this order (default {ORDER})")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, 2 steps: the same code paths in seconds")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--max-batch", type=int, default=8, help="batch of the speed-path rows and fixed requests (smoke: 1)")
     ap.add_argument("--compile-mode", default="default")
+    ap.add_argument("--budget-s", type=float, default=3600.0, help="the whole run's time; sections stop at it")
+    ap.add_argument("--cap-s", type=float, default=420.0, help="longest one section may run")
+    ap.add_argument("--min-left-s", type=float, default=30.0, help="skip a section that would start with less left")
+    ap.add_argument("--start-probe", metavar="SETTINGS_JSON", help=argparse.SUPPRESS)  # compile's fresh-process start
     ap.add_argument("--json", default=None,
                     help="default: benchmarks/results/gpu_suite.json (--smoke: benchmarks/out/gpu_suite_smoke.json)")
     args = ap.parse_args()
+    if args.start_probe:
+        print(json.dumps(start_probe(args.start_probe), default=str), flush=True)
+        return
     if args.json is None:
         args.json = str(HERE / "out" / "gpu_suite_smoke.json" if args.smoke else HERE / "results" / "gpu_suite.json")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    parts_wanted = set(args.only.split(","))
+    wanted = [w for w in args.only.split(",") if w]
     steps, size = (2, 64) if args.smoke else (args.steps, args.size)
     if args.smoke:
-        args.repeats, args.batches = 1, "1,2"
+        args.repeats, args.batches, args.max_batch = 1, "1,2", 1
     device = torch.device("cpu" if args.smoke else "cuda")
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --smoke on a CPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "steps": steps, "size": size, "dtype": "float32" if args.smoke else args.dtype,
-              "smoke": args.smoke, "command": " ".join(sys.argv)}
+              "smoke": args.smoke, "command": " ".join(sys.argv), "budget_s": args.budget_s, "cap_s": args.cap_s}
     t_start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
 
     def section(name, fn):
-        if name not in parts_wanted:
-            return
-        t0 = time.perf_counter()
-        try:
-            report[name] = fn()
-        except Exception as e:  # record and go on: a later call can finish what this one could not
-            report[name] = {"error": f"{type(e).__name__}: {e}"}
-        release_memory()
-        report.setdefault("section_s", {})[name] = time.perf_counter() - t0
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if left < args.min_left_s:
+            report[name] = {"skipped": f"{left:.0f}s of the budget left (< --min-left-s {args.min_left_s:.0f})"}
+        else:
+            cap = min(args.cap_s, left)
+            t0 = time.perf_counter()
+            out: dict = {}  # what a section filled before a cut-off or an error stays in the report
+            report[name] = out
+            signal.setitimer(signal.ITIMER_REAL, cap)
+            try:
+                got = fn(cap, out)
+                if got is not None:
+                    out.update(got)
+            except SectionTimeout:
+                out["error"] = f"cut off at its cap of {cap:.0f}s"
+            except Exception as e:  # record and go on: a later call can finish what this one could not
+                out["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            release_memory()
+            report.setdefault("section_s", {})[name] = time.perf_counter() - t0
         print(f"[{time.perf_counter() - t_start:6.1f}s] {name}: {json.dumps(report[name], default=str)[:400]}", flush=True)
+        report["total_s"] = time.perf_counter() - t_start
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-
-    section("ceilings", lambda: ceilings(device, args.smoke))
-    tflops = report.get("ceilings", {}).get("matmul_tflops")  # floor shares need it: None without ceilings
 
     from spo_runtime import load_pipeline
     from spo_runtime.models import _build_random_sdxl, _load_tiny
 
-    def baselines():
-        out = {}
+    refs = Refs(args, args.max_batch, steps, size)
+
+    def baselines(cap, out):
         for fuse in (False, True):
             if args.smoke:
                 parts = _load_tiny(settings_for(args))
@@ -296,18 +510,15 @@ def main() -> None:
             else:
                 parts = _build_random_sdxl(device, getattr(torch, args.dtype))
             row = run_diffusers(parts, fuse, steps, size, args.repeats, device)
-            row["floor_share"] = floor_share(row, tflops, args.smoke)
+            row["floor_share"] = floor_share(row, report.get("ceilings", {}).get("matmul_tflops"), args.smoke)
             out["B_fused" if fuse else "A_unfused"] = row
             parts = None
             release_memory()
-        return out
 
-    section("baselines", baselines)
-
-    pipe = load_pipeline(settings_for(args)) if "ours" in parts_wanted else None
-
-    def ours():
-        out = {}
+    def ours(cap, out):
+        tflops = report.get("ceilings", {}).get("matmul_tflops")  # floor shares need it: None without ceilings
+        pipe = load_pipeline(settings_for(args))
+        refs.put(str(pipe.dtype).removeprefix("torch."), pipe)  # the images every speed path is held against
         for b in [int(x) for x in args.batches.split(",")]:
             row = run_ours(pipe, b, [pipe.default_lora_scale] * b, steps, size, args.repeats)
             row["floor_share"] = floor_share(row, tflops, args.smoke)
@@ -318,17 +529,39 @@ def main() -> None:
         row["floor_share"] = floor_share(row, tflops, args.smoke)
         row["scales"] = mixed
         out[f"b{b}_mixed"] = row
+        # one row of b at another scale: the branch on every row (default), then on that row alone
+        # (SPO_LORA_ROW_SUBSET=0.5: index_select / index_copy_ of its activations instead of b - 1 rows' branch)
+        one_off = [pipe.default_lora_scale] * (b - 1) + [0.5]
+        out[f"b{b}_one_off_scale"] = {**run_ours(pipe, b, one_off, steps, size, args.repeats), "scales": one_off}
+        pipe.registry.row_subset_share = 0.5
+        out[f"b{b}_one_off_scale_row_subset"] = {**run_ours(pipe, b, one_off, steps, size, args.repeats), "scales": one_off}
+        pipe.registry.row_subset_share = pipe.settings.lora_row_subset
         swap = pipe.set_default_lora_scale(0.8)
         out["scale_swap_ms"] = swap["swap_ms"]
         pipe.set_default_lora_scale(1.0)
         out["refuse_s"] = pipe.registry.fuse("spo", 1.0)
-        return out
+        out["sdpa"] = pipe.sdpa
 
-    section("ours", ours)
-    pipe = None  # before the next sections load their own
-    release_memory()
-    section("train", lambda: train_section(args, steps, size))
-    section("compile", lambda: compile_section(load_pipeline(settings_for(args)), args, steps, size))
+    def cudagraphs(cap, out):
+        if args.smoke:
+            return {"skipped": "CUDA graphs need CUDA; the code path is compile's with mode=reduce-overhead"}
+        compile_section(args, refs, steps, size, cap, out, mode="reduce-overhead")
+
+    sections = {
+        "ceilings": lambda cap, out: ceilings(device, args.smoke),
+        "ours": ours,
+        "compile": lambda cap, out: compile_section(args, refs, steps, size, cap, out, mode=args.compile_mode),
+        "fp8": lambda cap, out: fp8_section(args, refs, steps, size),
+        "vae": lambda cap, out: vae_section(args, steps, size),
+        "cudagraphs": cudagraphs,
+        "sdpa": lambda cap, out: sdpa_section(args, refs, steps, size),
+        "baselines": baselines,
+        "train": lambda cap, out: train_section(args, steps, size),
+    }
+    for name in wanted:
+        if name not in sections:
+            sys.exit(f"--only: unknown section {name!r}; sections: {ORDER}")
+        section(name, sections[name])
     report["total_s"] = time.perf_counter() - t_start
     Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     print_table(report)
@@ -348,9 +581,10 @@ def print_table(r: dict) -> None:
         if isinstance(v, dict) and "ms_per_step" in v:
             rows.append((f"ours {k}", v))
     comp = r.get("compile", {})
-    for k in ("b1",):
-        if isinstance(comp.get(k), dict):
-            rows.append((f"ours compiled {k}", comp[k]))
+    for path in ("compile", "cudagraphs", "fp8"):
+        for k, v in r.get(path, {}).items():
+            if isinstance(v, dict) and "ms_per_step" in v:
+                rows.append((f"{path} {k}", v))
     print(f"{'system':<24}{'batch':>6}{'ms/step':>10}{'s/img':>8}{'img/s':>8}{'decode ms':>11}{'peak GiB':>10}{'floor':>8}")
     for name, v in rows:
         fs = f"{v['floor_share'] * 100:.0f}%" if v.get("floor_share") else "-"
@@ -366,9 +600,30 @@ def print_table(r: dict) -> None:
         print(f"mixed per-sample scales vs uniform at {bmax[0]}: {o[bmax[0]]['ms_per_step'] / uni['ms_per_step'] - 1:+.1%} per step")
     if "scale_swap_ms" in o:
         print(f"LoRA scale change: {o['scale_swap_ms']:.3f} ms; re-fuse at a new scale: {o['refuse_s'] * 1e3:.0f} ms")
-    if comp and "compile_s" in comp:
-        print(f"torch.compile: {comp['compile_s']:.0f}s to compile; scale change compiled {comp['graphs_compiled_by_swap']} new graph(s), "
-              f"then {comp['graphs_compiled_by_second_swap']} on a second change")
+    for path in ("compile", "cudagraphs", "fp8", "sdpa"):
+        f = r.get(path, {}).get("fidelity")
+        if f:
+            print(f"{path} vs {'float32' if r['smoke'] and path != 'fp8' else 'bf16'} eager on {f['images']} fixed requests: PSNR {f['psnr_db']} dB (worst image "
+                  f"{f['psnr_min_db']} dB), max pixel difference {f['max_diff']}/255")
+    for path in ("compile", "cudagraphs"):
+        c = r.get(path, {})
+        if "cold_start_s" in c:
+            print(f"{path} cold start (empty cache, in process): {c['cold_start_s']:.1f}s to load and warm "
+                  f"{len(c['warm_up']['unet'])} UNet and {len(c['warm_up']['vae'])} VAE graphs")
+        w = c.get("warm_start", {})
+        if "ready_s" in w:
+            print(f"{path} warm start (fresh process, cache left by the cold one): ready in {w['ready_s']:.1f}s "
+                  f"(warm-up {w['warm_up']['total_s']:.1f}s, compiled: {w['compiled']})")
+        if "warm_up" in c:
+            print(f"{path}: warm-up {c['warm_up']['total_s']:.1f}s in process; graphs compiled after it: "
+                  f"{c.get('graphs_after_warm_up')}, by two scale changes: {c.get('graphs_compiled_by_scale_changes')}")
+    v = r.get("vae", {})
+    if "eager_ms" in v:
+        print(f"VAE decode batch {v['batch']}: eager {v['ms_per_image_eager']:.1f} ms/image, channels-last compiled "
+              f"{v['ms_per_image_compiled']:.1f} ms/image (PSNR {v['fidelity']['psnr_db']} dB)")
+    sd = r.get("sdpa", {}).get("pick")
+    if sd:
+        print(f"SDPA backend picked: {sd['backend']} ({sd['how']}; ms {sd['ms']})")
     tr = r.get("train", {})
     for k, v in tr.items():
         print(f"SPO round ({k.replace('_', ' ')}): " + (f"{v['round_s']:.1f}s, peak {v['peak_gib']:.1f} GiB" if "round_s" in v and v.get("peak_gib") else json.dumps(v)[:200]))
