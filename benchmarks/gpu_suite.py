@@ -580,16 +580,15 @@ def print_table(r: dict) -> None:
     for k, v in r.get("ours", {}).items():
         if isinstance(v, dict) and "ms_per_step" in v:
             rows.append((f"ours {k}", v))
-    comp = r.get("compile", {})
     for path in ("compile", "cudagraphs", "fp8"):
         for k, v in r.get(path, {}).items():
             if isinstance(v, dict) and "ms_per_step" in v:
                 rows.append((f"{path} {k}", v))
-    print(f"{'system':<24}{'batch':>6}{'ms/step':>10}{'s/img':>8}{'img/s':>8}{'decode ms':>11}{'peak GiB':>10}{'floor':>8}")
+    print(f"{'system':<34}{'batch':>6}{'ms/step':>10}{'s/img':>8}{'img/s':>8}{'decode ms':>11}{'peak GiB':>10}{'floor':>8}")
     for name, v in rows:
         fs = f"{v['floor_share'] * 100:.0f}%" if v.get("floor_share") else "-"
         pk = f"{v['peak_gib']:.1f}" if v.get("peak_gib") else "-"
-        print(f"{name:<24}{v['batch']:>6}{v['ms_per_step']:>10.1f}{v['s_per_image']:>8.3f}{v['images_s']:>8.2f}{v['decode_ms']:>11.1f}{pk:>10}{fs:>8}")
+        print(f"{name:<34}{v['batch']:>6}{v['ms_per_step']:>10.1f}{v['s_per_image']:>8.3f}{v['images_s']:>8.2f}{v['decode_ms']:>11.1f}{pk:>10}{fs:>8}")
     a = r.get("baselines", {}).get("A_unfused", {})
     o = r.get("ours", {})
     if "s_per_image" in a and "b1" in o:
@@ -600,6 +599,18 @@ def print_table(r: dict) -> None:
         print(f"mixed per-sample scales vs uniform at {bmax[0]}: {o[bmax[0]]['ms_per_step'] / uni['ms_per_step'] - 1:+.1%} per step")
     if "scale_swap_ms" in o:
         print(f"LoRA scale change: {o['scale_swap_ms']:.3f} ms; re-fuse at a new scale: {o['refuse_s'] * 1e3:.0f} ms")
+    one_off = [k for k in o if k.endswith("_one_off_scale")]
+    if one_off and f"{one_off[0]}_row_subset" in o:
+        k = one_off[0]
+        print(f"one row off the fused scale at {k.split('_')[0]}: {o[k]['ms_per_step']:.1f} ms/step with the branch on every row, "
+              f"{o[k + '_row_subset']['ms_per_step']:.1f} on that row alone (SPO_LORA_ROW_SUBSET)")
+    for path in ("compile", "cudagraphs", "fp8"):
+        sec = r.get(path, {})
+        mixed = [k for k in sec if k.endswith("_mixed")]
+        if mixed and mixed[0].removesuffix("_mixed") in sec and "ms_per_step" in sec[mixed[0]]:
+            uni = sec[mixed[0].removesuffix("_mixed")]
+            print(f"{path}: mixed per-sample scales vs uniform at {mixed[0]}: "
+                  f"{sec[mixed[0]]['ms_per_step'] / uni['ms_per_step'] - 1:+.1%} per step")
     for path in ("compile", "cudagraphs", "fp8", "sdpa"):
         f = r.get(path, {}).get("fidelity")
         if f:
