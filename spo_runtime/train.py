@@ -715,7 +715,8 @@ def build_trainer(config: TrainConfig, prompts: list[str], out_dir: str | Path,
         from .distributed import rank_threads
 
         threads = rank_threads(group.world)  # the ranks share the cores
-    settings = Settings.from_env(lora_fuse=False, dtype=dtype, device=device, torch_threads=threads)
+    # the trainer needs backward through the UNet: never the float8 base (no backward) nor a compiled serving graph
+    settings = Settings.from_env(lora_fuse=False, dtype=dtype, device=device, torch_threads=threads, quant="none", compile=False)
     pipe = load_pipeline(settings)
     trainer = SPOTrainer(pipe, config, prompts, out_dir, start_adapter=start_adapter, faults=settings.fault_plan, group=group)
     if resume:

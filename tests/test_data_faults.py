@@ -205,10 +205,12 @@ def test_max_train_jobs_run_at_once_and_the_rest_wait_queued(tmp_path):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SPO_MAX_TRAIN_JOBS": "2"}
     assert Supervisor(store, env={}).max_jobs == 1  # the default
     jobs = [store.create([f"p{i}"], {}, None, None) for i in range(3)]
-    # a stand-in trainer that runs until its job directory holds a `go` file, then exits 0 with an outcome
-    trainer = ("import json, pathlib, sys, time; d = pathlib.Path(sys.argv[1])\n"
+    # a stand-in trainer that runs until its job directory holds a `go` file, then exits 0 with an outcome,
+    # replacing job.json atomically as the real trainer does (a reader never sees it half-written)
+    trainer = ("import json, os, pathlib, sys, time; d = pathlib.Path(sys.argv[1])\n"
                "while not (d / 'go').exists(): time.sleep(0.02)\n"
-               "r = json.loads((d / 'job.json').read_text()); r['state'] = 'completed'; (d / 'job.json').write_text(json.dumps(r))")
+               "r = json.loads((d / 'job.json').read_text()); r['state'] = 'completed'\n"
+               "(d / 'job.json.tmp').write_text(json.dumps(r)); os.replace(d / 'job.json.tmp', d / 'job.json')")
     sup = Supervisor(store, env=env, poll_s=0.05, command=[sys.executable, "-c", trainer]).start()
     try:
         assert sup.max_jobs == 2

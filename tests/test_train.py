@@ -173,12 +173,16 @@ def test_build_trainer_resumes_and_reads_checkpoints_of_the_old_name(tiny_dir, t
     monkeypatch.setenv("SPO_MODEL", "tiny")
     monkeypatch.setenv("SPO_BASE_MODEL", str(tiny_dir))
     monkeypatch.setenv("SPO_DEVICE", "cpu")
+    # a serving fast path a server may run with: the trainer needs backward, so it builds neither
+    monkeypatch.setenv("SPO_QUANT", "fp8")
+    monkeypatch.setenv("SPO_COMPILE", "true")
     (tmp_path / "prompts.txt").write_text("a fox\n\n  \nan owl\n")
     prompts = read_prompts(tmp_path / "prompts.txt")
     assert prompts == ["a fox", "an owl"]
     cfg = TrainConfig(**{**FAST, "prompts_per_round": 1, "num_inference_steps": 4, "checkpoint_every": 1}, scorer="brightness")
     first = build_trainer(cfg.model_copy(update={"max_rounds": 1}), prompts, tmp_path / "run")
     assert first.resumed_from is None and first.pipe.registry.fused is None and list(first.pipe.registry.adapters) == ["train"]
+    assert first.pipe.settings.quant == "none" and first.pipe.settings.compile is False and not first.pipe.compiled
     first.train()
     ckpt = tmp_path / "run" / "checkpoints" / json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["dir"]
     assert (ckpt / "checkpoint.pt").exists() and not (ckpt / "train_state.pt").exists()
