@@ -391,33 +391,12 @@ def sdpa_section(args, refs, steps, size) -> dict:
 
 
 def train_section(args, steps, size) -> dict:
-    """Seconds per SPO round and peak memory, gradient checkpointing on, then off (OOM recorded)."""
-    from spo_runtime import load_pipeline
-    from spo_runtime.train import SPOTrainer, TrainConfig
+    """SPO training at the paper's effective batch: seconds per round, pairs per second and peak memory for
+    1 rank (gradient checkpointing on, then off; OOM recorded) and N ranks when N > 1 GPUs
+    (benchmarks/train_throughput.py)."""
+    from train_throughput import train_section as rows
 
-    out = {}
-    for ckpt in (True, False):
-        pipe = tr = None
-        try:
-            s = settings_for(args)
-            pipe = load_pipeline(s.model_copy(update={"lora_fuse": False}))
-            cfg = TrainConfig(num_inference_steps=steps, width=size, height=size, prompts_per_round=1, max_rounds=2,
-                              gradient_checkpointing=ckpt, scorer="spm", checkpoint_every=100,
-                              threshold=0.0)  # keep every pair: the round then always trains (16 pairs)
-            tr = SPOTrainer(pipe, cfg, ["a photo of a fox in the snow"], tempfile.mkdtemp())
-            peak_reset(pipe.device)
-            tr.run_round()  # warm-up round
-            t0 = time.perf_counter()
-            st = tr.run_round()
-            out["checkpointing" if ckpt else "no_checkpointing"] = {
-                "round_s": time.perf_counter() - t0, "peak_gib": peak_gib(pipe.device), "pairs": st["transitions"],
-                "loss": st["loss"]}
-        except torch.cuda.OutOfMemoryError as e:
-            out["checkpointing" if ckpt else "no_checkpointing"] = {"oom": str(e).splitlines()[0]}
-        finally:
-            pipe = tr = None
-            release_memory()
-    return out
+    return rows(args, steps, size, settings_for, peak_reset, peak_gib, release_memory)
 
 
 class SectionTimeout(Exception):
@@ -637,7 +616,15 @@ def print_table(r: dict) -> None:
         print(f"SDPA backend picked: {sd['backend']} ({sd['how']}; ms {sd['ms']})")
     tr = r.get("train", {})
     for k, v in tr.items():
-        print(f"SPO round ({k.replace('_', ' ')}): " + (f"{v['round_s']:.1f}s, peak {v['peak_gib']:.1f} GiB" if "round_s" in v and v.get("peak_gib") else json.dumps(v)[:200]))
+        if not isinstance(v, dict):
+            continue
+        if "round_s" in v:
+            peak = f", peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") else ""
+            scaling = f", {v['scaling_vs_1']:.2f}x one rank" if "scaling_vs_1" in v else ""
+            print(f"SPO round ({k.replace('_', ' ')}, {v['ranks']} rank(s), {v['pairs_per_step']} pairs/step): "
+                  f"{v['round_s']:.2f}s, {v['pairs']} pairs, {v['pairs_per_s']:.2f} pairs/s{peak}{scaling}")
+        else:
+            print(f"SPO round ({k.replace('_', ' ')}): {json.dumps(v)[:200]}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ def test_gpu_suite_smoke(tmp_path):
         assert row["ms_per_step"] > 0 and row["images_s"] > 0 and row["decode_ms"] > 0
     assert rep["ours"]["b2_mixed"]["adapters_in_step"] == ["spo"] and rep["ours"]["b1"]["adapters_in_step"] == []
     assert rep["ours"]["scale_swap_ms"] < 50
-    assert all("round_s" in v for v in rep["train"].values())
+    train = rep["train"]
+    assert all("round_s" in v and v["pairs_per_s"] > 0 and v["pairs_per_step"] == 16 for v in train.values())
+    assert train["checkpointing"]["lora_dtype"] == "float32" and train["checkpointing"]["ranks"] == 1
+    assert train["ranks_2"]["world_size"] == 2 and train["ranks_2"]["pairs"] > 0  # the CLI's --nproc 2 (gloo)
     # compile (eager backend on CPU): the warm-up compiled the fused and the residual-LoRA graph of the bucket
     # requests land in, so nothing after it compiles a graph, and the images equal eager's
     comp = rep["compile"]
