@@ -11,9 +11,15 @@ One round, top to bottom:
      continue from a uniformly random candidate;
   4. DPO-style loss on the kept pairs: r = exp(log p_theta - log p_ref) of the DDIM transition,
      clamped to [1 - clip, 1 + clip]; loss = -log sigmoid(beta * (log r_w - log r_l));
-     AdamW with gradient accumulation and clipping on the LoRA parameters only.
-Checkpoints (both LoRA layouts, optimiser, RNG, prompt position, config) are written atomically.
-`build_trainer` is the one set-up of the CLI (`python -m spo_runtime train`) and of training jobs.
+     AdamW on the LoRA parameters only, in optimiser steps of `effective_batch` pairs (the paper's 16)
+     made of micro-batches, with clipping.
+Data-parallel: N ranks (`distributed.py`) each roll out their own prompts of a global round; gradients
+are summed over the ranks at every step, and the result does not depend on N (see SPOTrainer).
+Precision: the base in the pipeline's dtype, the LoRA (parameters, gradients, branch) in fp32, a
+gradient scaler for an fp16 base, the SPM in fp32.
+Checkpoints (both LoRA layouts, optimiser, gradient scaler, round, prompt position, config) are written
+atomically by rank 0. `build_trainer` is the one set-up of the CLI (`python -m spo_runtime train`) and of
+training jobs; `train_rank` runs the CLI as one rank.
 """
 
 from __future__ import annotations
