@@ -117,16 +117,22 @@ async def closed_loop(url: str, workload: Workload, clients: int, run_s: float, 
     return records
 
 
+def arrival_times(rng: random.Random, rate: float, duration: float):
+    """Poisson arrivals: exponential gaps at `rate` per second, within `duration` s, at most MAX_ARRIVALS.
+    A generator, so a caller that draws each arrival's request from the same `rng` between two times
+    keeps one seeded sequence."""
+    t = 0.0
+    for _ in range(MAX_ARRIVALS):
+        t += rng.expovariate(rate)
+        if t > duration:
+            return
+        yield t
+
+
 def poisson_schedule(rate: float, duration: float, seed: int, workload: Workload) -> list[tuple[float, dict]]:
     """Arrival times (exponential gaps at `rate` per second, within `duration` s) and their requests."""
     rng = random.Random(f"open-{seed}")
-    out, t = [], 0.0
-    while len(out) < MAX_ARRIVALS:
-        t += rng.expovariate(rate)
-        if t > duration:
-            break
-        out.append((t, workload.request(rng)))
-    return out
+    return [(t, workload.request(rng)) for t in arrival_times(rng, rate, duration)]
 
 
 async def open_loop(url: str, schedule: list[tuple[float, dict]]) -> list[Record]:

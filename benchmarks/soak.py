@@ -44,7 +44,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 from cpu import ForeignCpu  # noqa: E402
-from loadgen import MAX_ARRIVALS, PNG_MAGIC, load_prompts, new_client  # noqa: E402
+from loadgen import PNG_MAGIC, arrival_times, load_prompts, new_client  # noqa: E402
 from report import dumps, latency_stats, machine, pct, rounded  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
@@ -187,12 +187,7 @@ async def soak(url: str, token: str, pid: int, duration: float, load: float, cap
     auth = {"Authorization": f"Bearer {token}"}
     rate = load * capacity / IMAGES_PER_ARRIVAL  # arrivals per second
     rng = random.Random(f"soak-{seed}")
-    schedule, t = [], 0.0
-    while len(schedule) < MAX_ARRIVALS:
-        t += rng.expovariate(rate)
-        if t > duration:
-            break
-        schedule.append((t, *mix_request(rng, prompts)))
+    schedule = [(t, *mix_request(rng, prompts)) for t in arrival_times(rng, rate, duration)]
     proc = psutil.Process(pid)
     records: list[dict] = []
     samples: list[dict] = []
