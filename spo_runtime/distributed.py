@@ -21,11 +21,14 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, failure_reason
+from .fsutil import atomic_write
+
+T = TypeVar("T")
 
 ERROR_FILE = "rank-{rank}.error"  # one line: why rank N failed (written by the rank itself)
 
@@ -77,19 +80,15 @@ class Group:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=op)
-        return t
-
     def all_sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums over the ranks of a few numbers (statistics, counts), in float64."""
+        if not self.distributed:
+            return [float(v) for v in values]
         import torch.distributed as dist
 
         t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
-        return self._reduce(t, dist.ReduceOp.SUM if self.distributed else None).tolist()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
 
     def all_concat(self, values: Sequence[int]) -> tuple[list[int], int]:
         """Every rank's list of integers, concatenated in rank order, and where this rank's begins."""
@@ -152,7 +151,7 @@ class Group:
 LOCAL = Group()
 
 
-def join_group(rank: int, world: int, rendezvous: str | Path, device: str, timeout_s: float = 600.0) -> Group:
+def join_group(rank: int, world: int, rendezvous: str | Path | None, device: str | None, timeout_s: float = 600.0) -> Group:
     """Join the job's process group: NCCL on GPUs, gloo on CPU, meeting at a shared file."""
     if world == 1:
         return Group(0, 1, device)
@@ -164,6 +163,24 @@ def join_group(rank: int, world: int, rendezvous: str | Path, device: str, timeo
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{Path(rendezvous).resolve()}",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     return Group(rank, world, dev)
+
+
+def run_rank(rank: int, world: int, rendezvous: str | Path | None, device: str | None, error_dir: str | Path,
+             body: Callable[[Group], T]) -> T:
+    """One rank's life: join the job's group (world 1: a local group on `device`, None: the settings'),
+    return `body(group)`, leave the group. In a job of several ranks an error is first written to
+    `error_dir/rank-N.error` (one line, OOM marked) for `launch` to report, then raised."""
+    group = None
+    try:
+        group = join_group(rank, world, rendezvous, device)
+        return body(group)
+    except BaseException as e:
+        if world > 1:
+            atomic_write(Path(error_dir) / ERROR_FILE.format(rank=rank), failure_reason(e).encode())
+        raise
+    finally:
+        if group is not None:
+            group.close()
 
 
 @dataclass
@@ -230,7 +247,6 @@ def launch(nproc: int, target: Callable, args: tuple, rendezvous: str | Path, er
         for p in procs:
             if p.exitcode is None:
                 _signal(p.pid, signal.SIGKILL)
-                p.join()
     for p in procs:
         p.join()
     codes = [p.exitcode for p in procs]

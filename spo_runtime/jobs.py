@@ -324,7 +324,7 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
     if parent_pid is not None and not die_with_parent(parent_pid):
         print(f"the supervisor (pid {parent_pid}) is gone: not training", file=sys.stderr)
         return 4
-    from .distributed import launch, resolve_world
+    from .distributed import launch, resolve_world, run_rank
     from .settings import Settings
     from .train import TrainConfig
 
@@ -350,10 +350,8 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
         store.update(job_id, world_size=world, devices=devices, pairs_per_step=cfg.pairs_per_step(world),
                      micro_batch=cfg.micro_batch, grad_accum=cfg.accumulation(world))
         if world == 1:
-            from .distributed import Group
-
             try:
-                return _train_job(d, Path(adapter_dir), Group(0, 1, devices[0]), lambda: stop["term"])
+                return run_rank(0, 1, None, devices[0], d, lambda g: _train_job(d, Path(adapter_dir), g, lambda: stop["term"]))
             except Exception as e:
                 return _failed(store, job_id, e)
         result = launch(world, _job_rank, (str(d), str(adapter_dir), devices), d / ".rendezvous", error_dir=d,
@@ -377,23 +375,14 @@ def _failed(store: JobStore, job_id: str, e: BaseException) -> int:
 def _job_rank(rank: int, world: int, rendezvous: str, job_dir: str, adapter_dir: str, devices: list[str]) -> None:
     """One rank of a data-parallel job, in its own (spawned) process: join the group, train, and on an
     error write the reason to `<dir>/rank-N.error` for the job process to report."""
-    from .distributed import ERROR_FILE, join_group
+    from .distributed import run_rank
 
     die_with_parent(os.getppid())  # a rank never outlives the job process
     d = Path(job_dir)
     stop = {"term": False}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.update(term=True))
-    group = None
-    try:
-        group = join_group(rank, world, rendezvous, devices[rank])
-        code = _train_job(d, Path(adapter_dir), group, lambda: stop["term"])
-    except BaseException as e:
-        atomic_write(d / ERROR_FILE.format(rank=rank), failure_reason(e).encode())
-        raise
-    finally:
-        if group is not None:
-            group.close()
+    code = run_rank(rank, world, rendezvous, devices[rank], d, lambda g: _train_job(d, Path(adapter_dir), g, lambda: stop["term"]))
     if code:
         sys.exit(code)
 

@@ -734,13 +734,9 @@ def train_rank(rank: int, world: int, rendezvous: str | None, devices: list[str]
                out_dir: str, start_adapter: str | None, name: str) -> None:
     """`python -m spo_runtime train` as rank `rank` of `world` (in its own process when world > 1): rank 0
     prints each round's statistics as a JSON line, writes the checkpoints and exports the adapter."""
-    from .distributed import ERROR_FILE, Group, join_group
-    from .errors import failure_reason
+    from .distributed import run_rank
 
-    group = Group(0, 1, devices[0] if devices and devices[0].startswith("cuda") else None)
-    try:
-        if world > 1:
-            group = join_group(rank, world, rendezvous, devices[rank])
+    def body(group: Group) -> None:
         cfg = TrainConfig.model_validate_json(config_json)
         trainer = build_trainer(cfg, read_prompts(prompts_path), out_dir, start_adapter=start_adapter, group=group)
         if trainer.resumed_from is not None and group.main:
@@ -748,9 +744,7 @@ def train_rank(rank: int, world: int, rendezvous: str | None, devices: list[str]
         trainer.train(on_round=lambda s: group.main and print(json.dumps(s), flush=True))
         if group.main:
             print(json.dumps(trainer.export(Path(out_dir), name)), flush=True)
-    except BaseException as e:
-        if world > 1:
-            atomic_write(Path(out_dir) / ERROR_FILE.format(rank=rank), failure_reason(e).encode())
-        raise
-    finally:
-        group.close()
+
+    # one process on CPU: the settings' device (SPO_DEVICE), as the CLI always trained
+    device = devices[rank] if world > 1 or devices[0].startswith("cuda") else None
+    run_rank(rank, world, rendezvous, device, out_dir, body)

@@ -147,10 +147,9 @@ def test_half_precision_base_gives_the_fp32_lora_gradients(tiny_dir, tmp_path, d
     pairs, _ = full.rollout(PROMPTS[:1])
     pairs = pairs[:n]
     # a non-zero up-projection, so that down-projections get gradients too
-    for tr in [full]:
-        with torch.no_grad():
-            for p in tr.params[1::2]:
-                p.normal_(0, 1e-2, generator=torch.Generator().manual_seed(p.numel()))
+    with torch.no_grad():
+        for p in full.params[1::2]:
+            p.normal_(0, 1e-2, generator=torch.Generator().manual_seed(p.numel()))
     half = SPOTrainer(pipeline(tiny_dir, dtype), cfg, PROMPTS, tmp_path / dtype)
     with torch.no_grad():
         for a, b in zip(half.params, full.params):
