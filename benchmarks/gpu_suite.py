@@ -143,8 +143,8 @@ def run_ours(pipe, batch: int, scales: list[float], steps: int, size: int, repea
 def run_diffusers(parts, fuse: bool, steps: int, size: int, repeats: int, device) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-    from spo_runtime.lora_format import save_lora_file
-    from spo_runtime.sampler import SDXL_SCHEDULER_CONFIG
+    from spo_runtime.lora.format import save_lora_file
+    from spo_runtime.sampling.sampler import SDXL_SCHEDULER_CONFIG
 
     pipe = StableDiffusionXLPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
@@ -364,7 +364,8 @@ def fp8_section(args, refs, steps, size) -> dict:
     """SPO_QUANT=fp8 against bf16 eager on the fixed requests (PSNR, max difference), and its speed.
     Smoke: the tiny model in bf16 on CPU with torchao's hardware check passed over (torchao's float8
     kernels run on CPU, slowly): the same quantization, layer choice and LoRA branch; no speed meaning."""
-    from spo_runtime import fp8, load_pipeline
+    from spo_runtime import load_pipeline
+    from spo_runtime.speed import fp8
 
     s = speed_settings(args, tempfile.mkdtemp(prefix="spo-fp8-"), quant="fp8", dtype="bfloat16")
     if args.smoke:
@@ -475,7 +476,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
 
     from spo_runtime import load_pipeline
-    from spo_runtime.models import _build_random_sdxl, _load_tiny
+    from spo_runtime.model.loading import _build_random_sdxl, _load_tiny
 
     refs = Refs(args, args.max_batch, steps, size)
 
@@ -483,7 +484,7 @@ def main() -> None:
         for fuse in (False, True):
             if args.smoke:
                 parts = _load_tiny(settings_for(args))
-                from spo_runtime.models import tiny_lora_file
+                from spo_runtime.model.tiny import tiny_lora_file
 
                 parts["lora"] = tiny_lora_file(parts["unet"])
             else:

@@ -33,7 +33,7 @@ def paper_config(steps: int, size: int, dtype: str, **kw) -> dict:
 
 def one_rank(settings, steps: int, size: int, dtype: str, checkpointing: bool, peak_reset, peak_gib, release) -> dict:
     from spo_runtime import load_pipeline
-    from spo_runtime.train import SPOTrainer, TrainConfig
+    from spo_runtime.training.trainer import SPOTrainer, TrainConfig
 
     pipe = tr = None
     try:

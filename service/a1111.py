@@ -28,9 +28,8 @@ from starlette.routing import Route
 from service import errors
 from service.openai_api import credentials_ok, not_ready, run, service
 from spo_runtime.errors import InvalidRequestError
-from spo_runtime.requests import MAX_SEED
+from spo_runtime.limits import MAX_IMAGES, MAX_SEED
 
-MAX_IMAGES = 8
 SAMPLERS = {"DDIM": "ddim", "Euler": "euler", "DPM++ 2M": "dpmpp_2m_karras"}
 A1111_NAMES = {v: k for k, v in SAMPLERS.items()}
 ALIASES = {"ddim": "DDIM", "k_euler": "Euler", "k_dpmpp_2m": "DPM++ 2M", "DPM++ 2M Karras": "DPM++ 2M"}
@@ -194,7 +193,7 @@ def parse(body: dict, svc, img2img: bool) -> dict:
         images = body.get("init_images")
         if not isinstance(images, list) or not images:
             raise InvalidRequestError("init_images", "must be a list of at least one base64 image")
-        from spo_runtime.requests import decode_image
+        from spo_runtime.imaging import decode_image
 
         for i, v in enumerate(images):
             try:

@@ -21,7 +21,8 @@ from service.errors import Conflict, map_error, parse_body
 from service.stream import generate_stream
 from service.schemas import JobBody, LoadBody, NameBody, ScaleBody, TrainSubmitBody
 from spo_runtime.errors import InvalidRequestError
-from spo_runtime.requests import ADAPTER_NAME, ADAPTER_NAME_RULE, GenerationRequest
+from spo_runtime.limits import ADAPTER_NAME, ADAPTER_NAME_RULE
+from spo_runtime.requests import GenerationRequest
 
 if TYPE_CHECKING:
     from service.service import SPOService
@@ -79,7 +80,7 @@ def admin(handler):
 
 
 def _starting():
-    from spo_runtime.engine import EngineUnavailableError
+    from spo_runtime.errors import EngineUnavailableError
 
     return EngineUnavailableError("starting", retry_after=5)
 
@@ -211,7 +212,7 @@ def _start_adapter(svc: SPOService, name: str | None) -> str | None:
 
 @admin
 async def train_submit(svc: SPOService, request: Request) -> Response:
-    from spo_runtime.train import TrainConfig
+    from spo_runtime.training.trainer import TrainConfig
 
     body = await _body(TrainSubmitBody, request)
     prompts = await anyio.to_thread.run_sync(_training_prompts, svc, body)
@@ -229,7 +230,7 @@ async def train_submit(svc: SPOService, request: Request) -> Response:
 def _world(svc: SPOService, cfg) -> dict:
     """The job's data-parallel shape as its trainer will resolve it (400 naming config.nproc when the
     training GPUs are fewer): ranks, pairs per optimiser step, micro-batch and accumulation."""
-    from spo_runtime.distributed import resolve_world
+    from spo_runtime.training.distributed import resolve_world
 
     world, _ = resolve_world(cfg.nproc, svc.settings)
     cfg.check_world(world)

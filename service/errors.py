@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 
 from spo_runtime.errors import InvalidRequestError
-from spo_runtime.requests import validation_error
+from spo_runtime.validation import validation_error
 
 log = logging.getLogger("spo_serve")
 
@@ -86,10 +86,9 @@ class Conflict(Exception):
 
 def map_error(e: BaseException) -> JSONResponse:
     """spo_runtime's typed errors -> HTTP; anything else is a logged 500 that names only the type."""
-    from spo_runtime.engine import DeadlineExceededError, EngineUnavailableError, QueueFullError, RequestCancelledError
-    from spo_runtime.errors import (AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, LoraFormatError,
-                                    NonFiniteError)
-    from spo_runtime.jobs import JobNotFoundError, JobStateError
+    from spo_runtime.errors import (AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, DeadlineExceededError,
+                                    EngineUnavailableError, JobNotFoundError, JobStateError, LoraFormatError,
+                                    NonFiniteError, QueueFullError, RequestCancelledError)
 
     if isinstance(e, Conflict):
         return error_response(409, str(e), e.field, kind="conflict")

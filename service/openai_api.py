@@ -35,12 +35,12 @@ from starlette.routing import Route
 from service import errors
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.fsutil import atomic_write
-from spo_runtime.requests import DEFAULT_STRENGTH, MAX_SEED
+from spo_runtime.imaging import FORMATS
+from spo_runtime.limits import DEFAULT_STRENGTH, MAX_IMAGES, MAX_SEED
 
 log = logging.getLogger("spo_serve")
 access = logging.getLogger("spo_serve.access")  # one JSON line per request, as /generate's
-MAX_N = 8
-FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_N = MAX_IMAGES
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -74,7 +74,7 @@ def credentials_ok(headers, svc, basic: bool = False) -> bool:
 
 def not_ready(svc) -> Exception | None:
     """The reason the server cannot take a generation request now (as a typed error), or None."""
-    from spo_runtime.engine import EngineUnavailableError
+    from spo_runtime.errors import EngineUnavailableError
 
     if svc is None:
         return EngineUnavailableError("the server is starting", retry_after=5)
@@ -278,7 +278,7 @@ async def image_file(request: Request) -> Response:
 
 
 async def _answer(svc, request: Request, opts: dict, requests: list[dict]) -> Response:
-    from spo_runtime.__main__ import encode_image
+    from spo_runtime.imaging import encode_image
 
     results = await run(svc, request, requests, opts["seed"])
     encoded = await anyio.to_thread.run_sync(lambda: [encode_image(r, opts["format"], opts["quality"]) for r in results])
@@ -328,7 +328,7 @@ async def generations(svc, request: Request) -> Response:
 async def edits(svc, request: Request) -> Response:
     from PIL import Image
 
-    from spo_runtime.requests import decode_image
+    from spo_runtime.imaging import decode_image
 
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "multipart/form-data":

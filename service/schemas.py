@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from spo_runtime.requests import MAX_SEED, GenerationRequest
+from spo_runtime.limits import LORA_SCALE_RANGE, MAX_IMAGES, MAX_SEED
+from spo_runtime.requests import GenerationRequest
 
-FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-MAX_N = 8
+MAX_N = MAX_IMAGES
 
 
 class OutputFields(BaseModel):
@@ -93,7 +93,7 @@ class _Strict(BaseModel):
 
 
 class ScaleBody(_Strict):
-    scale: float = Field(ge=-2.0, le=2.0, allow_inf_nan=False)
+    scale: float = Field(ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1], allow_inf_nan=False)
 
 
 class NameBody(_Strict):

@@ -27,7 +27,8 @@ from starlette.responses import JSONResponse, Response
 from service import admin, workers
 from service.auth import admin_token, bearer_ok
 from service.errors import Contract, error_body, error_response, map_error
-from service.schemas import (FORMATS, BatchResponse, declare_responses, generation_bodies, request_dict,
+from spo_runtime.imaging import FORMATS
+from service.schemas import (BatchResponse, declare_responses, generation_bodies, request_dict,
                              result_headers)
 from spo_runtime.errors import ConfigError
 from spo_runtime.settings import Settings
@@ -52,13 +53,13 @@ def _settings() -> Settings:
 
 
 def _size_range(settings: Settings) -> tuple[int, int]:
-    from spo_runtime.models import resolve
+    from spo_runtime.model.presets import resolve
 
     try:
         return resolve(settings)[0].size_range
     except Exception as e:  # a device that is missing fails at load, where /livez reports it
         log.warning("size bounds of the default preset (%s)", e)
-        from spo_runtime.requests import SIZE_RANGE
+        from spo_runtime.limits import SIZE_RANGE
 
         return SIZE_RANGE
 
@@ -92,14 +93,14 @@ class SPOService:
     def _load(self) -> None:
         try:
             from spo_runtime import load_pipeline
-            from spo_runtime.engine import Engine
-            from spo_runtime.jobs import JobStore, Supervisor
+            from spo_runtime.engine.engine import Engine, EngineConfig
+            from spo_runtime.training.jobs import JobStore, Supervisor
             from spo_runtime.state import AdminStore, AdminSync
 
             s = self.settings
             self.pipe = load_pipeline(workers.bind(s))  # this worker's device: one engine per GPU
             self.admin_store = AdminStore(s.data_dir, s.adapters_path)
-            self.engine = Engine(self.pipe, s.engine_config(), faults=s.fault_plan)
+            self.engine = Engine(self.pipe, EngineConfig.from_settings(s), faults=s.fault_plan)
             metrics = self.engine.metrics
             self.sync = AdminSync(self.pipe, self.admin_store, on_change=lambda: metrics.lora_scale.set(self.pipe.default_lora_scale))
             self.sync.running_scales = self.engine.running_scales
@@ -205,7 +206,7 @@ class SPOService:
                 if n > 1 or route == "/generate_batch":
                     import secrets
 
-                    from spo_runtime.requests import MAX_SEED
+                    from spo_runtime.limits import MAX_SEED
 
                     base = parsed.seed if parsed.seed is not None else secrets.randbelow(MAX_SEED - n + 2)
                     requests = [{**request, "seed": base + i} for i in range(n)]
@@ -228,7 +229,7 @@ class SPOService:
         """Text to image. Returns the encoded image; parameters and timings in X-* headers."""
 
         async def respond(rid, parsed, results):
-            from spo_runtime.__main__ import encode_image
+            from spo_runtime.imaging import encode_image
 
             r = results[0]
             # encoding a 1024x1024 PNG takes tens of ms: off the event loop
@@ -242,7 +243,7 @@ class SPOService:
         """`n` images (1..8) of one prompt, seeds seed..seed+n-1, as JSON with base64 images."""
 
         async def respond(rid, parsed, results):
-            from spo_runtime.__main__ import encode_image
+            from spo_runtime.imaging import encode_image
 
             fmt, r0 = parsed.format, results[0]
             encoded = await anyio.to_thread.run_sync(lambda: [encode_image(r, fmt, parsed.quality) for r in results])

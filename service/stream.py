@@ -64,7 +64,7 @@ async def generate_stream(request: Request) -> Response:
     answer.add_done_callback(lambda f: events.put_nowait(("done", f)))
 
     async def stream():
-        from spo_runtime.__main__ import encode_image
+        from spo_runtime.imaging import encode_image
 
         svc.inflight += 1
         t0 = time.perf_counter()

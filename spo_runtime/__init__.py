@@ -5,7 +5,7 @@
     [img] = pipe.generate([GenerationRequest(prompt="a fox", seed=42)])
 """
 
-from .errors import (
+from spo_runtime.errors import (
     AdapterInUseError,
     AdapterMemoryError,
     AdapterNotFoundError,
@@ -17,9 +17,10 @@ from .errors import (
     NonFiniteError,
     SpoError,
 )
-from .models import SpoPipeline, __version__, load_pipeline, save_tiny
-from .requests import GeneratedImage, GenerationRequest
-from .settings import Settings
+from spo_runtime.model import SpoPipeline, load_pipeline, save_tiny
+from spo_runtime.version import __version__
+from spo_runtime.requests import GeneratedImage, GenerationRequest
+from spo_runtime.settings import Settings
 
 
 __all__ = [

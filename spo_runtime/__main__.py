@@ -9,8 +9,9 @@ import sys
 import typing
 from pathlib import Path
 
-from .errors import SpoError
-from .requests import GenerationRequest
+from spo_runtime.errors import SpoError
+from spo_runtime.imaging import encode_image
+from spo_runtime.requests import GenerationRequest
 
 # CLI spellings kept from before the options were derived from the request model
 _ALIASES = {"negative_prompt": ["--negative"], "num_inference_steps": ["--steps"], "guidance_scale": ["--guidance"]}
@@ -29,26 +30,6 @@ def add_request_options(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not None else None
         parser.add_argument("--" + name.replace("_", "-"), *_ALIASES.get(name, []), dest=name, type=kind,
                             choices=choices, default=default, help=f"{f.description} (default: {default})")
-
-
-def encode_image(result, fmt: str = "png", quality: int = 95) -> bytes:
-    """Our own encoding of a GeneratedImage; a PNG carries its parameters in a `parameters` text chunk."""
-    import io
-
-    from PIL.PngImagePlugin import PngInfo
-
-    buf = io.BytesIO()
-    if fmt == "png":
-        info = PngInfo()
-        info.add_text("parameters", result.parameters_text())
-        result.image.save(buf, format="PNG", pnginfo=info)
-    elif fmt == "jpeg":
-        result.image.save(buf, format="JPEG", quality=quality)
-    elif fmt == "webp":
-        result.image.save(buf, format="WEBP", quality=quality)
-    else:
-        raise ValueError(f"format: must be one of png, jpeg, webp, got {fmt!r}")
-    return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,18 +59,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "save-tiny":
-            from .models import save_tiny
+            from spo_runtime.model.tiny import save_tiny
 
             print(json.dumps(save_tiny(args.directory), indent=2))
             return 0
         if args.command == "train-job":
-            from .jobs import run_job
+            from spo_runtime.training.jobs import run_job
 
             return run_job(args.job_dir, args.adapter_dir, parent_pid=args.parent_pid)
         if args.command == "train":
             return _train(args)
-        from .models import load_pipeline
-        from .settings import Settings
+        from spo_runtime.model.loading import load_pipeline
+        from spo_runtime.settings import Settings
 
         pipe = load_pipeline(Settings.from_env())
         if args.command == "info":
@@ -111,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from .distributed import launch, resolve_world
-    from .settings import Settings
-    from .train import TrainConfig, read_prompts, train_rank
+    from spo_runtime.training.distributed import launch, resolve_world
+    from spo_runtime.settings import Settings
+    from spo_runtime.training.trainer import TrainConfig, read_prompts, train_rank
 
     overrides = {}
     for kv in args.config:

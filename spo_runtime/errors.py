@@ -60,6 +60,44 @@ class ModelLoadError(SpoError):
     """The model or one of its sources could not be loaded."""
 
 
+class QueueFullError(SpoError):
+    """More images wait than SPO_MAX_QUEUE allows (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class DeadlineExceededError(SpoError):
+    """The request's deadline passed before it finished (HTTP 504)."""
+
+
+class RequestCancelledError(SpoError):
+    """The caller went away; the request left the batch."""
+
+
+class EngineUnavailableError(SpoError):
+    """A step failed (e.g. out of device memory even alone) or the engine stopped (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class JobNotFoundError(SpoError, KeyError):
+    """No training job has this id (HTTP 404)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"job_id: no job {job_id!r}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class JobStateError(SpoError):
+    """The job is in a state that does not allow the operation (resuming a running job)."""
+
+
 def is_oom(e: BaseException) -> bool:
     """True when `e` is a device (or host allocator) out-of-memory error: the one test, shared by the
     engine's batch halving and the training job's failure reason."""

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .errors import ConfigError
+from spo_runtime.errors import ConfigError
 
 # name -> {key: (type, required)}
 KNOWN: dict[str, dict[str, tuple[type, bool]]] = {

@@ -3,12 +3,8 @@ while it runs (`ActiveRequest`: its conditioning, latent and `SamplerRow`)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import functools
-import io
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,16 +13,12 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
-from .errors import InvalidRequestError
-from .sampler import SCHEDULERS, SamplerRow
+from spo_runtime.imaging import decode_image
+from spo_runtime.limits import (ADAPTER_NAME, ADAPTER_NAME_RULE, DEFAULT_STRENGTH, GUIDANCE_RANGE, LORA_SCALE_RANGE,
+                                MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, MAX_SEED, SIZE_RANGE, STEPS_RANGE)
+from spo_runtime.sampling.sampler import SCHEDULERS, SamplerRow
+from spo_runtime.validation import validation_error
 
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 4000
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ADAPTER_NAME_RULE = "1..64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
-MAX_IMAGE_PIXELS = 4096 * 4096  # an init_image larger than this is refused before it is decoded
-DEFAULT_STRENGTH = 0.75  # img2img, as A1111's default denoising strength
-SIZE_RANGE = (32, 2048)  # the widest any preset allows; `for_sizes` narrows it to a preset's range
 # Prompt text: anything but control characters (tab, newline and carriage return are allowed). NUL would
 # end the PNG `parameters` chunk's keyword; the others have no meaning in a prompt. Refused, not escaped.
 _TEXT = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
@@ -60,13 +52,14 @@ class GenerationRequest(BaseModel):
                               description="Image width in pixels, a multiple of 8 in the preset's range; null: the preset's default.")
     height: int | None = Field(None, ge=SIZE_RANGE[0], le=SIZE_RANGE[1], multiple_of=8,
                                description="Image height in pixels, a multiple of 8 in the preset's range; null: the preset's default.")
-    num_inference_steps: int = Field(20, ge=1, le=100, description="Denoising steps, 1..100.")
-    guidance_scale: float = Field(5.0, ge=0.0, le=30.0, allow_inf_nan=False,
-                                  description="Classifier-free guidance, 0..30; <= 1 disables guidance (one UNet pass per step).")
+    num_inference_steps: int = Field(20, ge=STEPS_RANGE[0], le=STEPS_RANGE[1],
+                                     description=f"Denoising steps, {STEPS_RANGE[0]}..{STEPS_RANGE[1]}.")
+    guidance_scale: float = Field(5.0, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1], allow_inf_nan=False,
+                                  description=f"Classifier-free guidance, {GUIDANCE_RANGE[0]:g}..{GUIDANCE_RANGE[1]:g}; <= 1 disables guidance (one UNet pass per step).")
     scheduler: Scheduler = Field("ddim", description="Sampler: " + ", ".join(SCHEDULERS) + ".")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"0..{MAX_SEED}; null: drawn and reported in X-Seed.")
-    lora_scale: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False,
-                                     description="LoRA scale, -2..2; null: the server's current default.")
+    lora_scale: float | None = Field(None, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1], allow_inf_nan=False,
+                                     description=f"LoRA scale, {LORA_SCALE_RANGE[0]:g}..{LORA_SCALE_RANGE[1]:g}; null: the server's current default.")
     adapter: str | None = Field(None, pattern=ADAPTER_NAME.pattern, max_length=64,
                                 description=f"Name of a loaded adapter ({ADAPTER_NAME_RULE}); null: the server's default "
                                             "adapter. A name that is not loaded is a 400 naming `adapter`.")
@@ -135,114 +128,6 @@ class GenerationRequest(BaseModel):
             return model.model_validate(data)
         except ValidationError as e:
             raise validation_error(e, model) from None
-
-
-def decode_image(v: Any) -> Image.Image:
-    """A PIL image, or base64 (optionally a data: URL) of a PNG/JPEG/WebP -> an RGB PIL image. Refuses what
-    does not decode, other formats, and more than MAX_IMAGE_PIXELS pixels (checked before decoding)."""
-    if isinstance(v, Image.Image):
-        img = v
-    elif isinstance(v, str):
-        text = v.split(",", 1)[1] if v.startswith("data:") and "," in v else v
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("must be base64 of a PNG, JPEG or WebP image (not valid base64)") from None
-        try:
-            img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP"))
-        except Exception:
-            raise ValueError("must be base64 of a PNG, JPEG or WebP image (not decodable as one)") from None
-    else:
-        raise ValueError(f"must be a base64 string (PNG, JPEG or WebP), got {type(v).__name__}")
-    w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS:
-        raise ValueError(f"must have at most {MAX_IMAGE_PIXELS:,} pixels, got {w}x{h}")
-    try:
-        return img.convert("RGB") if img.mode != "RGB" else img.copy()
-    except Exception:
-        raise ValueError("must be base64 of a PNG, JPEG or WebP image (the image data is damaged)") from None
-
-
-_TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a JSON object",
-          "list": "a list", "literal": "one of the listed values"}
-_PATTERN_RULES = {"prompt": "must be a non-empty string (not only whitespace) without control characters (tab and "
-                            "newline are allowed)",
-                  "negative_prompt": "must not hold control characters (tab and newline are allowed)", "adapter": f"must be {ADAPTER_NAME_RULE}",
-                  "device": "must be cpu, cuda, cuda:N or mps", "train_device": "must be cpu, cuda, cuda:N or mps"}
-
-
-def allowed(model: type[BaseModel], name: str) -> str:
-    """The allowed values of a field, in words, from its declared constraints (what /docs.json says)."""
-    f = model.model_fields.get(name)
-    if f is None:
-        return ""
-    c: dict[str, Any] = {}
-    for m in f.metadata:
-        for key in ("ge", "le", "gt", "lt", "multiple_of", "min_length", "max_length"):
-            if getattr(m, key, None) is not None:
-                c[key] = getattr(m, key)
-    args = getattr(f.annotation, "__args__", ())
-    literal = [a for a in args if getattr(a, "__origin__", None) is Literal] or (
-        [f.annotation] if getattr(f.annotation, "__origin__", None) is Literal else [])
-    if literal:
-        return "one of " + ", ".join(map(str, literal[0].__args__))
-    if "ge" in c or "gt" in c:
-        lo = c.get("ge", c.get("gt"))
-        hi = c.get("le", c.get("lt"))
-        if hi is None:
-            return f"> {lo}" if "gt" in c else f">= {lo}"
-        rng = f"({lo}, {hi}]" if "gt" in c else f"{lo}..{hi}"
-        return f"a multiple of {c['multiple_of']} in {rng}" if "multiple_of" in c else f"in {rng}"
-    if "max_length" in c:
-        return f"{c.get('min_length', 0)}..{c['max_length']} characters"
-    if "min_length" in c:
-        return f"at least {c['min_length']} characters"
-    return ""
-
-
-def validation_error(e: ValidationError, model: type[BaseModel] | None = None) -> InvalidRequestError:
-    """Pydantic's errors -> one InvalidRequestError naming the first field, every problem in `.errors`.
-    Each message says what is allowed (the field's declared range or values) and what was given."""
-    problems = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "body"
-        name = str(err["loc"][0]) if err["loc"] else ""
-        kind, got = err["type"], err.get("input")
-        rule = allowed(model, name) if model is not None else ""
-        if isinstance(got, (int, float, str, bool)) and len(repr(got)) < 80:
-            shown = f"got {got!r}"
-        else:
-            shown = f"got {len(got)} characters" if isinstance(got, str) else f"got {type(got).__name__}"
-        if kind == "extra_forbidden":
-            msg = "unknown field"
-        elif kind == "missing":
-            msg = "field required"
-        elif not err["loc"] and model is not None and re.match(r"^\w+: ", msg := err["msg"].removeprefix("Value error, ")) \
-                and msg.split(":")[0] in model.model_fields:
-            loc, msg = msg.split(": ", 1)  # a model-level check names its field as "field: ..."
-        elif kind == "model_type" or (kind == "dict_type" and not err["loc"]):
-            loc, msg = "body", "must be a JSON object"
-        elif kind == "json_invalid":
-            loc, msg = "body", f"must be JSON ({err.get('ctx', {}).get('error', err['msg'])})"
-        elif kind == "string_pattern_mismatch" and name in _PATTERN_RULES:
-            msg = _PATTERN_RULES[name]
-        elif kind.endswith("_type") or kind.endswith("_parsing") or kind == "finite_number":
-            what = _TYPES.get(kind.split("_")[0], kind.removesuffix("_type"))
-            if kind == "finite_number":
-                what = "a finite number"
-            msg = f"must be {what}" + (f" {rule}" if rule and not rule.startswith("one of") else "") + f", {shown}"
-        elif kind == "literal_error" or kind == "enum":
-            msg = f"must be {rule or err['msg']}, {shown}"
-        elif rule and kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than", "multiple_of",
-                               "string_too_long", "string_too_short"):
-            msg = f"must be {rule}, {shown}"
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-        problems.append((loc, msg))
-    first, rest = problems[0], problems[1:]
-    out = InvalidRequestError(first[0], first[1] + "".join(f"; {f}: {m}" for f, m in rest))
-    out.errors = problems
-    return out
 
 
 @dataclass

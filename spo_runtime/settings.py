@@ -15,8 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .errors import ConfigError
-from .faults import Faults
+from spo_runtime.errors import ConfigError
+from spo_runtime.limits import LORA_SCALE_RANGE
+from spo_runtime.faults import Faults
 
 log = logging.getLogger("spo_runtime.settings")
 
@@ -43,7 +44,7 @@ class Settings(BaseModel):
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="cpu, cuda or cuda:N")
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     attention: Literal["sdpa", "xformers"] = "sdpa"
-    lora_scale: float = Field(1.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="default scale of new requests")
+    lora_scale: float = Field(1.0, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1], allow_inf_nan=False, description="default scale of new requests")
     lora_fuse: bool = True
     adapter_memory_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
     embed_cache_size: int = Field(512, ge=0)
@@ -157,12 +158,6 @@ class Settings(BaseModel):
         """SPO_ADAPTER_DIR, or SPO_DATA_DIR/adapters."""
         return self.adapter_dir if self.adapter_dir is not None else self.data_dir / "adapters"
 
-    def engine_config(self):
-        from .engine import EngineConfig
-
-        return EngineConfig(max_batch=self.max_batch, max_queue=self.max_queue,
-                            request_timeout_s=self.request_timeout_s, batching=self.batching)
-
     def token(self, name: str) -> str | None:
         """A token's value (admin_token, api_token): the only way to read one; repr() shows '**********'."""
         secret = getattr(self, name)
@@ -175,7 +170,7 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         """Settings from SPO_* variables; `overrides` (not None) win. Raises ConfigError naming the variable."""
-        from .requests import allowed, validation_error
+        from spo_runtime.validation import allowed, validation_error
 
         env = os.environ if environ is None else environ
         names = {cls.variable(f): f for f in cls.model_fields}

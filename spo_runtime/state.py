@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InvalidRequestError, SpoError
-from .fsutil import fsync_dir, write_json_atomic
-from .models import file_sha256
+from spo_runtime.errors import InvalidRequestError, SpoError
+from spo_runtime.fsutil import file_sha256, fsync_dir, write_json_atomic
+from spo_runtime.limits import LORA_SCALE_RANGE
 
 log = logging.getLogger("spo_runtime.state")
 _HOST = socket.gethostname()
@@ -46,8 +46,9 @@ def _invalid(state: Any) -> str | None:
         return "removed must be a list of names"
     if "default_lora_scale" in state:
         x = state["default_lora_scale"]
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not -2 <= x <= 2:
-            return f"default_lora_scale must be a number in -2..2, got {x!r}"
+        lo, hi = LORA_SCALE_RANGE
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not lo <= x <= hi:
+            return f"default_lora_scale must be a number in {lo:g}..{hi:g}, got {x!r}"
     if not isinstance(state.get("default_adapter"), (str, type(None))):
         return "default_adapter must be a name or null"
     return None

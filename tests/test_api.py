@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import max_pixel_diff
 from spo_runtime import ConfigError, GenerationRequest, InvalidRequestError, ModelLoadError, NonFiniteError, Settings, load_pipeline
-from spo_runtime.models import resolve
+from spo_runtime.model.presets import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_sdxl_random_architecture_matches_spo_lora_layout():
     """The repo's SDXL configs: 2.57 B UNet parameters and SPO's 140 attention modules x 4 = 560 LoRA layers."""
     from diffusers import UNet2DConditionModel
 
-    from spo_runtime.models import _config
+    from spo_runtime.model.loading import _config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(_config("unet.json"))

@@ -149,7 +149,7 @@ def test_gpu_deployment_one_gpu_per_pod_shared_data_and_model_cache():
     (init,) = pod["initContainers"]
     assert {m["mountPath"] for m in init["volumeMounts"]} >= {env["HF_HOME"]["value"]}
     assert _env(init)["HF_HOME"]["value"] == env["HF_HOME"]["value"] and "HF_HUB_OFFLINE" not in _env(init)
-    from spo_runtime import models as m
+    from spo_runtime.model import pipeline as m
 
     script = init["args"][0]
     for repo in (m.SPO_BASE, m.SPO_VAE, m.SPO_LORA_REPO, m.SPO_LORA_FILE):

@@ -10,7 +10,7 @@ import torch
 
 from conftest import max_pixel_diff
 from spo_runtime import AdapterInUseError, Settings, load_pipeline
-from spo_runtime.engine import (
+from spo_runtime.engine.engine import (
     DeadlineExceededError,
     Engine,
     EngineConfig,

@@ -8,8 +8,9 @@ import torch
 
 from conftest import max_pixel_diff
 from spo_runtime import ConfigError, Settings, load_pipeline
-from spo_runtime import compiling, fp8
-from spo_runtime.lora import LoraLinear
+from spo_runtime.speed import compiling
+from spo_runtime.speed import fp8
+from spo_runtime.lora.runtime import LoraLinear
 
 PROMPT = "a lighthouse on a cliff, storm clouds"
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import max_pixel_diff
 from spo_runtime import InvalidRequestError
-from spo_runtime.sampler import img2img_start
+from spo_runtime.sampling.sampler import img2img_start
 from test_oracle import SCHEDULERS
 
 

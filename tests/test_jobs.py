@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from spo_runtime.errors import InvalidRequestError
-from spo_runtime.jobs import FINAL, JobNotFoundError, JobStore, Supervisor
+from spo_runtime.training.jobs import FINAL, JobNotFoundError, JobStore, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,7 +178,7 @@ def test_only_one_supervisor_supervises(store):
 
 PARENT = textwrap.dedent("""
     import json, sys, time
-    from spo_runtime.jobs import JobStore, Supervisor
+    from spo_runtime.training.jobs import JobStore, Supervisor
     store = JobStore(sys.argv[1], sys.argv[2])
     sup = Supervisor(store, env=json.loads(sys.argv[3]), poll_s=0.05).start()
     while sup.proc is None:

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from spo_runtime.errors import LoraFormatError
-from spo_runtime.lora_format import (
+from spo_runtime.lora.format import (
     LoraFile,
     LoraModuleWeights,
     ModuleSpec,

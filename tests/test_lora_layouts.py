@@ -13,7 +13,7 @@ import torch
 
 from conftest import max_pixel_diff
 from spo_runtime import LoraFormatError, Settings, load_pipeline
-from spo_runtime.lora_format import LoraFile, LoraModuleWeights, lora_state_dict, module_specs, module_specs_of, parse_lora_state_dict
+from spo_runtime.lora.format import LoraFile, LoraModuleWeights, lora_state_dict, module_specs, module_specs_of, parse_lora_state_dict
 
 PROMPT = "a portrait of an astronaut, cinematic lighting"
 _RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection", "time_emb_proj": "emb_layers.1"}

@@ -7,7 +7,7 @@ import torch
 
 from conftest import max_pixel_diff
 from spo_runtime import AdapterMemoryError, AdapterNotFoundError, LoraFormatError, Settings, load_pipeline
-from spo_runtime.lora_format import LoraModuleWeights, module_specs, save_lora_file
+from spo_runtime.lora.format import LoraModuleWeights, module_specs, save_lora_file
 
 PROMPT = "a portrait of an astronaut, cinematic lighting"
 
@@ -120,7 +120,7 @@ def test_both_layouts_give_the_same_weights_and_images(tiny_dir):
         assert torch.equal(wa[m].down, wb[m].down) and torch.allclose(wa[m].up, wb[m].up, atol=1e-7)
     assert max_pixel_diff(solo(a, seed=4, lora_scale=0.8).image, solo(b, seed=4, lora_scale=0.8).image) == 0
     # The built-in tiny LoRA hashes as the diffusers-layout file save-tiny wrote.
-    from spo_runtime.models import file_sha256
+    from spo_runtime.fsutil import file_sha256
 
     builtin = load_pipeline(Settings(model="tiny"))
     assert builtin.registry.get("spo").sha256 == file_sha256(tiny_dir / "spo_tiny_lora_diffusers.safetensors")

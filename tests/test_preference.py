@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
 from spo_runtime.errors import CheckpointFormatError
-from spo_runtime.preference import (
+from spo_runtime.training.preference import (
     BrightnessScorer,
     PreferenceScorer,
     SpmScorer,

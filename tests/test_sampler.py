@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from spo_runtime.sampler import (
+from spo_runtime.sampling.sampler import (
     SDXL_SCHEDULER_CONFIG,
     SamplerRow,
     ddim_step,
@@ -133,7 +133,7 @@ def test_ddim_logprob_matches_hand_computation():
     ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(prev).mean(dim=(1, 2, 3))
     assert torch.allclose(ddim_transition_logprob(prev, mean, std), ref, atol=1e-5)
     # The SPO notes' std: eta * sqrt((1 - a_prev)/(1 - a_t) * (1 - a_t/a_prev)); final step uses a_0.
-    from spo_runtime.sampler import NoiseSchedule
+    from spo_runtime.sampling.sampler import NoiseSchedule
 
     assert float(s.alpha_prev[-1]) == float(NoiseSchedule().alphas_cumprod[0])  # prev_t = 1 - 50 < 0
     expected_std = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()

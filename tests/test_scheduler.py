@@ -16,7 +16,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from spo_runtime import AdapterInUseError, AdapterNotFoundError, NonFiniteError
-from spo_runtime.engine import (
+from spo_runtime.engine.engine import (
     DeadlineExceededError,
     Engine,
     EngineConfig,

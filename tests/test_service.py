@@ -25,7 +25,7 @@ def adapter_dir(tiny_dir, tmp_path_factory):
     import torch
 
     from spo_runtime import Settings, load_pipeline
-    from spo_runtime.lora_format import LoraModuleWeights, module_specs, save_lora_file
+    from spo_runtime.lora.format import LoraModuleWeights, module_specs, save_lora_file
 
     d = tmp_path_factory.mktemp("adapters")
     (d / "tiny_webui.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())

@@ -12,7 +12,7 @@ import torch
 
 from conftest import max_pixel_diff
 from spo_runtime import ModelLoadError, Settings, load_pipeline
-from spo_runtime.models import TINY_LORA_WEBUI
+from spo_runtime.model.tiny import TINY_LORA_WEBUI
 
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
            ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from spo_runtime.errors import CheckpointFormatError
-from spo_runtime.preference import (StepAwarePreferenceModel, build_spm, load_spm_tokenizer, load_spm_weights,
+from spo_runtime.training.preference import (StepAwarePreferenceModel, build_spm, load_spm_tokenizer, load_spm_weights,
                                     save_spm_weights, spm_config, spm_weights_file)
-from spo_runtime.train import TrainConfig
+from spo_runtime.training.trainer import TrainConfig
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_missing_spm_and_tokenizer_name_the_variable(tmp_path, offline, tiny_dir
         load_spm_tokenizer(str(tmp_path))
     tok = load_spm_tokenizer(str(tiny_dir / "tokenizer"))  # any local CLIP tokenizer directory
     assert tok("a fox").input_ids[0] == tok.bos_token_id
-    from spo_runtime.models import _hub_file
+    from spo_runtime.model.presets import hub_file
 
     with pytest.raises(Exception, match="set SPO_SPM to a local"):
-        _hub_file("SPO-Diffusion-Models/Step-Aware_Preference_Models", "sdxl_step-aware_preference_model.bin")
+        hub_file("SPO-Diffusion-Models/Step-Aware_Preference_Models", "sdxl_step-aware_preference_model.bin", "SPO_SPM")

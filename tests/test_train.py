@@ -9,9 +9,9 @@ import torch
 
 from conftest import max_pixel_diff
 from spo_runtime import InvalidRequestError, Settings, load_pipeline
-from spo_runtime.lora_format import read_lora_file, module_specs
-from spo_runtime.sampler import NoiseSchedule, make_schedule
-from spo_runtime.train import SPOTrainer, TrainConfig, select_pair, spo_loss
+from spo_runtime.lora.format import read_lora_file, module_specs
+from spo_runtime.sampling.sampler import NoiseSchedule, make_schedule
+from spo_runtime.training.trainer import SPOTrainer, TrainConfig, select_pair, spo_loss
 
 PROMPTS = ["a fox", "a castle", "an owl", "a city at night", "a red car", "a portrait"]
 # A fast probe: 32x32, 10 DDIM steps, a branch at every step, LoRA on attention, feed-forward and convs.
@@ -168,7 +168,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_dir, tmp_path):
 def test_build_trainer_resumes_and_reads_checkpoints_of_the_old_name(tiny_dir, tmp_path, monkeypatch):
     """The one set-up of the CLI and of jobs: a pipeline from SPO_* settings, resumed from the last
     checkpoint (`checkpoint.pt`, or `train_state.pt` as checkpoints were named before)."""
-    from spo_runtime.train import build_trainer, read_prompts
+    from spo_runtime.training.trainer import build_trainer, read_prompts
 
     monkeypatch.setenv("SPO_MODEL", "tiny")
     monkeypatch.setenv("SPO_BASE_MODEL", str(tiny_dir))

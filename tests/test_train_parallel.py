@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from spo_runtime import Settings, load_pipeline
-from spo_runtime.distributed import resolve_world
+from spo_runtime.training.distributed import resolve_world
 from spo_runtime.errors import InvalidRequestError
-from spo_runtime.jobs import JobStore
-from spo_runtime.train import SPOTrainer, TrainConfig
+from spo_runtime.training.jobs import JobStore
+from spo_runtime.training.trainer import SPOTrainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a fox", "a castle", "an owl", "a city at night", "a red car", "a portrait"]

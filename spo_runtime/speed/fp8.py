@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from spo_runtime.errors import ConfigError
 
 TORCHAO_VERSION = "0.18.0"  # requirements.txt and `make gpu-wheels`; imports on torch 2.11 (GPU) and 2.13 (CPU)
 ACTIVATION_FLOOR = 1e-6  # lower bound of a row's absolute maximum before scaling; zero rows stay zero

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel
 
-from .errors import CheckpointFormatError
+from spo_runtime.errors import CheckpointFormatError
 
 __all__ = [
     "CLIP_MEAN",
@@ -546,7 +546,7 @@ def default_spm_path() -> str | None:
     """SPO_SPM (through Settings): the default of `TrainConfig.spm_path`; a job's config overrides it."""
     import os
 
-    from .settings import Settings
+    from spo_runtime.settings import Settings
 
     return Settings.from_env({k: v for k, v in os.environ.items() if k == "SPO_SPM"}).spm
 

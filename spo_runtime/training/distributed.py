@@ -25,8 +25,8 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .errors import InvalidRequestError, failure_reason
-from .fsutil import atomic_write
+from spo_runtime.errors import InvalidRequestError, failure_reason
+from spo_runtime.fsutil import atomic_write
 
 T = TypeVar("T")
 

@@ -40,15 +40,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .distributed import LOCAL, Group
-from .errors import InvalidRequestError, SpoError
-from .faults import NONE as NO_FAULTS, Faults
-from .fsutil import atomic_write, fsync_dir, write_json_atomic
-from .lora_format import LoraFile, LoraModuleWeights, module_specs, save_lora_file
-from .models import SpoPipeline, file_sha256
-from .preference import default_spm_path
-from .requests import validation_error
-from .sampler import ddim_step, ddim_transition_logprob, make_schedule
+from spo_runtime.training.distributed import LOCAL, Group
+from spo_runtime.errors import InvalidRequestError, SpoError
+from spo_runtime.faults import NONE as NO_FAULTS, Faults
+from spo_runtime.fsutil import atomic_write, fsync_dir, write_json_atomic
+from spo_runtime.lora.format import LoraFile, LoraModuleWeights, module_specs, save_lora_file
+from spo_runtime.fsutil import file_sha256
+from spo_runtime.model.pipeline import SpoPipeline
+from spo_runtime.training.preference import default_spm_path, spm_weights_file
+from spo_runtime.validation import validation_error
+from spo_runtime.sampling.sampler import ddim_step, ddim_transition_logprob, make_schedule
 
 log = logging.getLogger("spo_runtime.train")
 
@@ -277,7 +278,7 @@ class SPOTrainer:
     # -- setup -------------------------------------------------------------------------------
 
     def _default_scorer(self, tokenizer):
-        from .preference import (BrightnessScorer, SpmScorer, StepAwarePreferenceModel, build_spm, load_spm_tokenizer,
+        from spo_runtime.training.preference import (BrightnessScorer, SpmScorer, StepAwarePreferenceModel, build_spm, load_spm_tokenizer,
                                  load_spm_weights, spm_config)
 
         if self.cfg.scorer == "brightness":
@@ -302,9 +303,7 @@ class SPOTrainer:
         if self.cfg.spm_path:
             load_spm_weights(model, self.cfg.spm_path)
         elif preset == "sdxl-spo":
-            from .models import _hub_file
-
-            load_spm_weights(model, _hub_file("SPO-Diffusion-Models/Step-Aware_Preference_Models", "sdxl_step-aware_preference_model.bin"))
+            load_spm_weights(model, spm_weights_file(None))
         # the SPM scores in float32 whatever the pipeline's dtype, as the authors' code does: pair selection
         # compares score gaps near ln(1.4/0.6), which half precision would blur
         model = model.to(self.pipe.device, torch.float32).eval().requires_grad_(False)
@@ -711,14 +710,14 @@ def build_trainer(config: TrainConfig, prompts: list[str], out_dir: str | Path,
     its own from the SPO_* settings on the rank's device (unfused; base weights in the config's
     precision, LoRA parameters and branch in float32), resumed from `out_dir`'s last checkpoint when
     there is one (`trainer.resumed_from`)."""
-    from .models import load_pipeline
-    from .settings import Settings
+    from spo_runtime.model.loading import load_pipeline
+    from spo_runtime.settings import Settings
 
     dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(config.mixed_precision)  # "no": the preset's dtype
     device = str(group.device) if group.device is not None else None
     threads = None
     if group.distributed and group.device.type == "cpu" and not os.environ.get("SPO_TORCH_THREADS"):
-        from .distributed import rank_threads
+        from spo_runtime.training.distributed import rank_threads
 
         threads = rank_threads(group.world)  # the ranks share the cores
     # the trainer needs backward through the UNet: never the float8 base (no backward) nor a compiled serving graph
@@ -734,7 +733,7 @@ def train_rank(rank: int, world: int, rendezvous: str | None, devices: list[str]
                out_dir: str, start_adapter: str | None, name: str) -> None:
     """`python -m spo_runtime train` as rank `rank` of `world` (in its own process when world > 1): rank 0
     prints each round's statistics as a JSON line, writes the checkpoints and exports the adapter."""
-    from .distributed import run_rank
+    from spo_runtime.training.distributed import run_rank
 
     def body(group: Group) -> None:
         cfg = TrainConfig.model_validate_json(config_json)

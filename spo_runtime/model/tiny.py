@@ -8,10 +8,15 @@ tokenizer whose vocabulary is defined here, and a small LoRA on SPO's target lay
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from spo_runtime.lora.format import LoraFile, LoraModuleWeights, save_lora_file
+from spo_runtime.model.fingerprint import lora_bytes_hash
+from spo_runtime.sampling.sampler import SDXL_SCHEDULER_CONFIG
 
 TEXT_HIDDEN = 32
 TEXT_PROJECTION = 32
@@ -163,3 +168,34 @@ def build_lora_state(unet: torch.nn.Module, seed: int = 1, rank: int = LORA_RANK
         up = torch.randn(mod.out_features, rank, generator=g) * (0.6 / rank**0.5)
         out[name] = (down, up, float(rank))
     return out
+
+
+TINY_LORA_WEBUI = "spo_tiny_lora_webui.safetensors"
+TINY_LORA_DIFFUSERS = "spo_tiny_lora_diffusers.safetensors"
+
+
+def tiny_lora_file(unet: torch.nn.Module) -> LoraFile:
+    """The built-in tiny LoRA; its sha256 is that of the diffusers-layout file save-tiny writes."""
+    modules = {m: LoraModuleWeights(m, d, u, a) for m, (d, u, a) in build_lora_state(unet).items()}
+    return LoraFile("diffusers", modules, sha256=lora_bytes_hash(modules))
+
+
+def save_tiny(directory: str | Path) -> dict[str, str]:
+    """Write the tiny model as a diffusers SDXL pipeline directory, plus its LoRA in both layouts."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    directory = Path(directory)
+    parts = build_components()
+    pipe = StableDiffusionXLPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
+        scheduler=DDIMScheduler.from_config(SDXL_SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    lora = tiny_lora_file(parts["unet"])
+    return {
+        "pipeline": str(directory),
+        "webui": save_lora_file(directory / TINY_LORA_WEBUI, lora.modules, "webui"),
+        "diffusers": save_lora_file(directory / TINY_LORA_DIFFUSERS, lora.modules, "diffusers"),
+    }

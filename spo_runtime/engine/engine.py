@@ -31,43 +31,37 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal, Protocol
 
 import torch
 
-from .errors import InvalidRequestError, SpoError, is_oom
-from .faults import NONE, Faults, InjectedFault
-from .metrics import Metrics, default_metrics
-from .models import SpoPipeline
-from .requests import GeneratedImage, GenerationRequest, ActiveRequest, Status
+from spo_runtime.errors import (DeadlineExceededError, SpoError, EngineUnavailableError, InvalidRequestError, QueueFullError,
+                                RequestCancelledError, is_oom)
+from spo_runtime.faults import NONE, Faults, InjectedFault
+from spo_runtime.metrics import Metrics, default_metrics
+from spo_runtime.requests import GeneratedImage, GenerationRequest, ActiveRequest, Status
 
 log = logging.getLogger("spo_runtime.engine")
 
+
+class StepModel(Protocol):
+    """What the engine drives: `SpoPipeline` in the server, a fake in the scheduler's tests. The engine
+    knows nothing else of the model (it never imports `spo_runtime.model`)."""
+
+    preset: Any  # .default_size, .size_range
+    registry: Any  # the LoRA registry: .adapters, .read, .load, .get, .in_use
+    default_lora_scale: float
+    device: torch.device
+
+    def parse(self, request: GenerationRequest | dict) -> GenerationRequest: ...
+    def prepare(self, requests: list[GenerationRequest | dict]) -> list[ActiveRequest]: ...
+    def denoise(self, states: list[ActiveRequest]) -> Any: ...
+    def decode(self, states: list[ActiveRequest]) -> list: ...
+    def set_default_lora_scale(self, scale: float) -> dict: ...
+    def set_default_adapter(self, name: str | None) -> None: ...
+    def unload_adapter(self, name: str) -> None: ...
+
 Size = tuple[int, int]  # (height, width)
-
-
-class QueueFullError(SpoError):
-    """More images wait than SPO_MAX_QUEUE allows (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after: float):
-        self.retry_after = retry_after
-        super().__init__(message)
-
-
-class DeadlineExceededError(SpoError):
-    """The request's deadline passed before it finished (HTTP 504)."""
-
-
-class RequestCancelledError(SpoError):
-    """The caller went away; the request left the batch."""
-
-
-class EngineUnavailableError(SpoError):
-    """A step failed (e.g. out of device memory even alone) or the engine stopped (HTTP 503)."""
-
-    def __init__(self, message: str, retry_after: float = 1.0):
-        self.retry_after = retry_after
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -88,6 +82,12 @@ class EngineConfig:
             raise ValueError(f"SPO_REQUEST_TIMEOUT_S: must be > 0, got {self.request_timeout_s}")
         if self.batching not in ("step", "request"):
             raise ValueError(f"SPO_BATCHING: must be 'step' or 'request', got {self.batching!r}")
+
+    @classmethod
+    def from_settings(cls, settings) -> EngineConfig:
+        """The limits a server's Settings (SPO_* variables) give."""
+        return cls(max_batch=settings.max_batch, max_queue=settings.max_queue,
+                   request_timeout_s=settings.request_timeout_s, batching=settings.batching)
 
 
 _submission_seq = itertools.count()
@@ -172,7 +172,7 @@ class StepResult:
 class Engine:
     def __init__(
         self,
-        pipe: SpoPipeline,
+        pipe: StepModel,
         config: EngineConfig = EngineConfig(),
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -719,7 +719,7 @@ def _answer(fut: concurrent.futures.Future, value: Any, err: BaseException | Non
 
 def _reason(err: BaseException) -> str:
     """The `reason` label of spo_rejected_total for a failed request."""
-    from .errors import AdapterNotFoundError, NonFiniteError
+    from spo_runtime.errors import AdapterNotFoundError, NonFiniteError
 
     if isinstance(err, (InvalidRequestError, AdapterNotFoundError)):
         return "invalid"

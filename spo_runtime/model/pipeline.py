@@ -1,4 +1,4 @@
-"""Presets, loading, and the resident pipeline: text encoding (cached), one batched denoising step
+"""The resident pipeline: SDXL + LoRA on one device. Text encoding (cached), one batched denoising step
 over rows of mixed parameters, and VAE decoding.
 
 `SpoPipeline.generate(requests)` runs a list of requests in one batched loop; the serving engine
@@ -7,310 +7,31 @@ drives the same three pieces (`prepare`, `denoise`, `decode`) at step granularit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import attention, compiling, fp8, tiny
-from .errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError, NonFiniteError
-from .lora import LoraRegistry
-from .lora_format import LoraFile, LoraModuleWeights, lora_state_dict, save_lora_file
-from .requests import MAX_SEED, GeneratedImage, GenerationRequest, ActiveRequest, Status
-from .sampler import (SDXL_SCHEDULER_CONFIG, NoiseSchedule, SamplerRow, add_noise, img2img_start, initial_noise, make_schedule,
-                      model_inputs, step_rows)
-from .settings import Settings
+from spo_runtime.errors import AdapterNotFoundError, InvalidRequestError, ModelLoadError, NonFiniteError
+from spo_runtime.limits import LORA_SCALE_RANGE, MAX_SEED
+from spo_runtime.lora.format import LoraFile
+from spo_runtime.lora.runtime import LoraRegistry
+from spo_runtime.model.presets import DEFAULT_ADAPTER, Preset
+from spo_runtime.requests import ActiveRequest, GeneratedImage, GenerationRequest, Status
+from spo_runtime.sampling.sampler import (NoiseSchedule, SamplerRow, add_noise, img2img_start, initial_noise, make_schedule,
+                                          model_inputs, step_rows)
+from spo_runtime.settings import Settings
+from spo_runtime.speed import attention, compiling, fp8
+from spo_runtime.version import __version__
 
 log = logging.getLogger("spo_runtime")
-
-__version__ = "0.1.0"
-
-SPO_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-SPO_VAE = "madebyollin/sdxl-vae-fp16-fix"
-SPO_LORA_REPO = "SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep_LoRA"
-SPO_LORA_FILE = "spo_sdxl_10ep_4k-data_lora_diffusers.safetensors"
-DEFAULT_ADAPTER = "spo"
-TINY_LORA_WEBUI = "spo_tiny_lora_webui.safetensors"
-TINY_LORA_DIFFUSERS = "spo_tiny_lora_diffusers.safetensors"
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    default_size: int
-    size_range: tuple[int, int]
-
-
-PRESETS = {
-    "sdxl-spo": Preset("sdxl-spo", 1024, (256, 2048)),
-    "sdxl-random": Preset("sdxl-random", 1024, (256, 2048)),
-    "tiny": Preset("tiny", 64, (32, 256)),
-}
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def resolve(settings: Settings) -> tuple[Preset, torch.device, torch.dtype]:
-    """(preset, device, dtype) from settings: `auto` is sdxl-spo with CUDA, tiny without."""
-    cuda = torch.cuda.is_available()
-    device = torch.device(settings.device or ("cuda" if cuda else "cpu"))
-    if device.type == "cuda" and not cuda:
-        raise ModelLoadError("SPO_DEVICE: CUDA was asked for but torch sees no CUDA device")
-    name = settings.model
-    if name == "auto":
-        name = "sdxl-spo" if cuda else "tiny"
-        log.warning("SPO_MODEL=auto -> %s (%s)", name, "CUDA available" if cuda else "no CUDA device: the CPU demo model")
-    if settings.dtype:
-        dtype = _DTYPES[settings.dtype]
-    elif device.type == "cpu":
-        dtype = torch.float32
-    elif settings.quant == "fp8":
-        dtype = torch.bfloat16  # per-row float8 scaling starts from bf16 weights
-    else:
-        # fp16 with the fp16-fix VAE for real weights; bf16 for random weights (fp32's range).
-        dtype = torch.bfloat16 if name == "sdxl-random" else torch.float16
-    return PRESETS[name], device, dtype
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_pipeline(settings: Settings | None = None) -> SpoPipeline:
-    """Load the preset named by `settings` (default: from SPO_* variables) and keep it resident."""
-    settings = settings or Settings.from_env()
-    preset, device, dtype = resolve(settings)
-    if settings.quant == "fp8":
-        fp8.check_supported(device, dtype)  # before minutes of loading: a clear ConfigError naming SPO_QUANT
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    t0 = time.perf_counter()
-    if preset.name == "tiny":
-        parts = _load_tiny(settings)
-    elif preset.name == "sdxl-random":
-        parts = _build_random_sdxl(device, dtype)
-    else:
-        parts = _load_sdxl(settings, dtype)
-    pipe = SpoPipeline(parts, settings, preset, device, dtype)
-    log.warning(
-        "loaded %s on %s (%s) in %.1fs; adapters: %s",
-        preset.name, device, str(dtype).removeprefix("torch."), time.perf_counter() - t0, ", ".join(pipe.registry.adapters) or "none",
-    )
-    return pipe
-
-
-def _load_tiny(settings: Settings) -> dict:
-    if settings.base_model:
-        parts = _load_dir(settings.base_model, torch.float32, vae_src=settings.vae, config=settings.base_model_config)
-    else:
-        parts = tiny.build_components()
-        parts["scheduler_config"] = dict(SDXL_SCHEDULER_CONFIG)
-        parts["force_zeros_for_empty_prompt"] = True
-        parts["sources"] = {"base": {"id": "built-in tiny (seed 0)", "sha256": _params_hash(parts["unet"])}}
-    if settings.lora:
-        parts["lora"] = settings.lora
-    elif settings.base_model and (Path(settings.base_model) / TINY_LORA_DIFFUSERS).exists():
-        parts["lora"] = str(Path(settings.base_model) / TINY_LORA_DIFFUSERS)
-    elif not settings.base_model:
-        parts["lora"] = tiny_lora_file(parts["unet"])
-    return parts
-
-
-def _load_sdxl(settings: Settings, dtype: torch.dtype) -> dict:
-    base = settings.base_model or SPO_BASE
-    # The stock SDXL VAE overflows in fp16: the preset swaps in the fp16-fix VAE unless a local
-    # pipeline is given without SPO_VAE (then its own VAE runs, upcast when its config asks).
-    vae = settings.vae or (None if settings.base_model else SPO_VAE)
-    parts = _load_dir(base, dtype, vae_src=vae, config=settings.base_model_config)
-    parts["lora"] = settings.lora or _hub_file(SPO_LORA_REPO, SPO_LORA_FILE)
-    return parts
-
-
-def _hub_file(repo: str, filename: str) -> str:
-    var = "SPO_SPM" if "preference" in filename else "SPO_LORA"
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo, filename)
-    except Exception as e:  # offline, gated, missing
-        raise ModelLoadError(
-            f"{var}: could not fetch {repo}/{filename} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            f"set {var} to a local {'.safetensors or .bin' if var == 'SPO_SPM' else '.safetensors'} file"
-        ) from e
-
-
-PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-
-
-def _load_single_file(src: str, dtype: torch.dtype, vae_src: str | None, config: str | None) -> dict:
-    """Components of a single-file SDXL checkpoint (original key names), through diffusers' `from_single_file`;
-    the structure (configs, tokenizers, scheduler) from `config`: a local diffusers pipeline directory without
-    weights (SPO_BASE_MODEL_CONFIG), else SDXL base 1.0's from the hub."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from safetensors import safe_open
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    path = Path(src)
-    if path.suffix.lower() in PICKLE_CHECKPOINT_SUFFIXES:
-        raise ModelLoadError(f"SPO_BASE_MODEL: {src} is a pickle checkpoint ({path.suffix}); pickles can run code when "
-                             "loaded and are refused: convert it to .safetensors")
-    if path.suffix.lower() != ".safetensors":
-        raise ModelLoadError(f"SPO_BASE_MODEL: {src}: a single-file checkpoint must be a .safetensors file")
-    cfg = config or SPO_BASE
-    local = Path(cfg).is_dir()
-    try:
-        # Each text encoder from its own embedder's keys only: diffusers tells the two CLIPs apart by width,
-        # which fails when both have the same width (the tiny model).
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            embedders = {i: {k: f.get_tensor(k) for k in keys if k.startswith(f"conditioner.embedders.{i}.")} for i in (0, 1)}
-        kw = dict(config=cfg, torch_dtype=dtype, local_files_only=local)
-        te1 = create_diffusers_clip_model_from_ldm(CLIPTextModel, embedders[0], subfolder="text_encoder", **kw)
-        te2 = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, embedders[1], subfolder="text_encoder_2", **kw)
-        del embedders
-        extra = {"vae": AutoencoderKL.from_pretrained(vae_src, torch_dtype=dtype)} if vae_src else {}
-        pipe = StableDiffusionXLPipeline.from_single_file(str(path), text_encoder=te1, text_encoder_2=te2, **extra, **kw)
-    except ModelLoadError:
-        raise
-    except Exception as e:
-        hint = "" if config else ("; offline, set SPO_BASE_MODEL_CONFIG to a local diffusers SDXL pipeline directory "
-                                  "without weights (model_index.json, the components' configs, tokenizers, scheduler)")
-        raise ModelLoadError(f"SPO_BASE_MODEL: could not load the single-file SDXL checkpoint {src!r} with the structure "
-                             f"of {cfg!r} ({type(e).__name__}: {e}){hint}") from e
-    vae = pipe.vae
-    if dtype == torch.float16 and vae.config.get("force_upcast", False):
-        vae = vae.to(torch.float32)
-    sources = {"base": {"id": src, "sha256": file_sha256(path)},
-               "base_config": {"id": cfg, "sha256": _dir_fingerprint(cfg) if local else None}}
-    if vae_src:
-        sources["vae"] = {"id": vae_src, "sha256": _dir_fingerprint(vae_src) if Path(vae_src).is_dir() else None}
-    return dict(
-        unet=pipe.unet, vae=vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
-        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, scheduler_config=dict(pipe.scheduler.config),
-        sources=sources, force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
-    )
-
-
-def _load_dir(src: str, dtype: torch.dtype, vae_src: str | None = None, config: str | None = None) -> dict:
-    """Components of a diffusers SDXL pipeline directory or hub id, or of a single-file checkpoint."""
-    if Path(src).is_file():
-        return _load_single_file(src, dtype, vae_src, config)
-    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    local = Path(src).is_dir()
-    variant = "fp16" if (not local and dtype != torch.float32) else None
-    try:
-        kw = dict(torch_dtype=dtype, variant=variant)
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
-        te1 = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
-        te2 = CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kw)
-        tok1 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
-        tok2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2")
-        if vae_src:
-            vae = AutoencoderKL.from_pretrained(vae_src, torch_dtype=dtype)
-        else:
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
-        scheduler_config = dict(DDIMScheduler.load_config(src, subfolder="scheduler"))
-        index = DiffusionPipeline.load_config(src)  # model_index.json
-    except Exception as e:
-        raise ModelLoadError(f"SPO_BASE_MODEL: could not load an SDXL pipeline from {src!r} ({type(e).__name__}: {e})") from e
-    if dtype == torch.float16 and vae.config.get("force_upcast", False):
-        vae = vae.to(torch.float32)  # stock SDXL VAE: NaN in fp16
-    sources = {"base": {"id": src, "sha256": _dir_fingerprint(src) if local else None}}
-    if vae_src:
-        sources["vae"] = {"id": vae_src, "sha256": _dir_fingerprint(vae_src) if Path(vae_src).is_dir() else None}
-    return dict(
-        unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-        scheduler_config=scheduler_config, sources=sources,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-    )
-
-
-def _config(name: str) -> dict:
-    return json.loads(resources.files("spo_runtime").joinpath("configs", name).read_text())
-
-
-def _build_random_sdxl(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Full-size SDXL with random weights, initialised on the target device (for timing only)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(_config("unet.json")).to(dtype)
-        vae = AutoencoderKL.from_config(_config("vae.json")).to(dtype)
-        te1 = CLIPTextModel(CLIPTextConfig(**_config("text_encoder.json"))).to(dtype)
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_config("text_encoder_2.json"))).to(dtype)
-    for m in (unet, vae, te1, te2):
-        m.eval().requires_grad_(False)
-    tok1, tok2 = tiny.build_tokenizers()  # ids stay below the 49408-token vocabulary
-    lora = tiny.build_lora_state(unet, seed=seed + 1, rank=64)
-    modules = {m: LoraModuleWeights(m, d, u, a) for m, (d, u, a) in lora.items()}
-    return dict(
-        unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-        scheduler_config=dict(SDXL_SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
-        sources={"base": {"id": f"random SDXL (seed {seed})", "sha256": None}},
-        lora=LoraFile("diffusers", modules, sha256=_lora_bytes_hash(modules)),
-    )
-
-
-def tiny_lora_file(unet: torch.nn.Module) -> LoraFile:
-    """The built-in tiny LoRA; its sha256 is that of the diffusers-layout file save-tiny writes."""
-    modules = {m: LoraModuleWeights(m, d, u, a) for m, (d, u, a) in tiny.build_lora_state(unet).items()}
-    return LoraFile("diffusers", modules, sha256=_lora_bytes_hash(modules))
-
-
-def _lora_bytes_hash(modules: dict[str, LoraModuleWeights]) -> str:
-    from safetensors.torch import save
-
-    return hashlib.sha256(save(lora_state_dict(modules, "diffusers"))).hexdigest()
-
-
-def _params_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _dir_fingerprint(path: str) -> str:
-    """sha256 over every file's relative path and size, and the bytes of its small (config) files.
-
-    Hashing multi-GB weights at every start would cost seconds; names, sizes and configs identify
-    a snapshot well enough to tell two deployments apart.
-    """
-    h = hashlib.sha256()
-    root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        if size < 1 << 20:
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# The resident pipeline
 
 
 @dataclass
@@ -504,7 +225,9 @@ class SpoPipeline:
     def set_default_lora_scale(self, scale: float) -> dict:
         """Hot-swap the default scale: applies to requests prepared after the call; no weight is touched."""
         t0 = time.perf_counter()
-        scale = GenerationRequest.parse({"prompt": "x", "lora_scale": scale}).lora_scale
+        lo, hi = LORA_SCALE_RANGE
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not lo <= scale <= hi:  # NaN fails too
+            raise InvalidRequestError("lora_scale", f"must be in {lo:g}..{hi:g}, got {scale!r}")
         previous, self.default_lora_scale = self.default_lora_scale, float(scale)
         return {"previous": previous, "scale": self.default_lora_scale, "swap_ms": (time.perf_counter() - t0) * 1e3}
 
@@ -866,28 +589,3 @@ def _place(m: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torc
 
 def _is_path(s: str) -> bool:
     return s.startswith(("/", ".", "~")) or Path(s).exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# save-tiny
-
-
-def save_tiny(directory: str | Path) -> dict[str, str]:
-    """Write the tiny model as a diffusers SDXL pipeline directory, plus its LoRA in both layouts."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-
-    directory = Path(directory)
-    parts = tiny.build_components()
-    pipe = StableDiffusionXLPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
-        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
-        scheduler=DDIMScheduler.from_config(SDXL_SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
-    pipe.save_pretrained(directory, safe_serialization=True)
-    lora = tiny_lora_file(parts["unet"])
-    return {
-        "pipeline": str(directory),
-        "webui": save_lora_file(directory / TINY_LORA_WEBUI, lora.modules, "webui"),
-        "diffusers": save_lora_file(directory / TINY_LORA_DIFFUSERS, lora.modules, "diffusers"),
-    }

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .errors import AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, LoraFormatError
-from .lora_format import LoraFile, LoraModuleWeights, is_text_encoder_module, module_specs_of, read_lora_file
+from spo_runtime.errors import AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, LoraFormatError
+from spo_runtime.lora.format import LoraFile, LoraModuleWeights, is_text_encoder_module, module_specs_of, read_lora_file
 
 
 class LoraContext:

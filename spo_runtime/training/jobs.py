@@ -37,8 +37,8 @@ import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .errors import InvalidRequestError, SpoError, failure_reason
-from .fsutil import atomic_write, write_json_atomic
+from spo_runtime.errors import InvalidRequestError, JobNotFoundError, JobStateError, failure_reason
+from spo_runtime.fsutil import atomic_write, write_json_atomic
 
 log = logging.getLogger("spo_runtime.jobs")
 
@@ -46,18 +46,6 @@ STATES = ("queued", "running", "completed", "failed", "canceled", "interrupted")
 FINAL = ("completed", "failed", "canceled")
 TRAINER_COMMAND = (sys.executable, "-m", "spo_runtime", "train-job")  # + <dir> --adapter-dir <dir> --parent-pid <pid>
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-class JobNotFoundError(SpoError, KeyError):
-    def __init__(self, job_id: str):
-        super().__init__(f"job_id: no job {job_id!r}")
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-class JobStateError(SpoError):
-    """The job is in a state that does not allow the operation (resuming a running job)."""
 
 
 class JobStore:
@@ -171,7 +159,7 @@ class Supervisor:
         self.command = list(command)
         self.poll_s = poll_s
         if max_jobs is None:
-            from .settings import Settings
+            from spo_runtime.settings import Settings
 
             max_jobs = Settings.from_env({k: v for k, v in self.env.items() if k == "SPO_MAX_TRAIN_JOBS"}).max_train_jobs
         if max_jobs < 1:
@@ -324,9 +312,9 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
     if parent_pid is not None and not die_with_parent(parent_pid):
         print(f"the supervisor (pid {parent_pid}) is gone: not training", file=sys.stderr)
         return 4
-    from .distributed import launch, resolve_world, run_rank
-    from .settings import Settings
-    from .train import TrainConfig
+    from spo_runtime.training.distributed import launch, resolve_world, run_rank
+    from spo_runtime.settings import Settings
+    from spo_runtime.training.trainer import TrainConfig
 
     d = Path(job_dir)
     store = JobStore(d.parent.parent, adapter_dir)
@@ -375,7 +363,7 @@ def _failed(store: JobStore, job_id: str, e: BaseException) -> int:
 def _job_rank(rank: int, world: int, rendezvous: str, job_dir: str, adapter_dir: str, devices: list[str]) -> None:
     """One rank of a data-parallel job, in its own (spawned) process: join the group, train, and on an
     error write the reason to `<dir>/rank-N.error` for the job process to report."""
-    from .distributed import run_rank
+    from spo_runtime.training.distributed import run_rank
 
     die_with_parent(os.getppid())  # a rank never outlives the job process
     d = Path(job_dir)
@@ -390,7 +378,7 @@ def _job_rank(rank: int, world: int, rendezvous: str, job_dir: str, adapter_dir:
 def _train_job(d: Path, adapter_dir: Path, group, stop_requested) -> int:
     """Train the job in `d` as `group`'s rank; rank 0 records progress and the outcome (but a failure,
     which the caller records), exports the adapter and writes the checkpoints."""
-    from .train import JobCancelled, TrainConfig, build_trainer, read_prompts
+    from spo_runtime.training.trainer import JobCancelled, TrainConfig, build_trainer, read_prompts
 
     store = JobStore(d.parent.parent, adapter_dir)
     job_id = d.name
@@ -408,7 +396,7 @@ def _train_job(d: Path, adapter_dir: Path, group, stop_requested) -> int:
     def on_round(stats: dict) -> None:
         if not main:
             return
-        from .metrics import default_metrics
+        from spo_runtime.metrics import default_metrics
 
         default_metrics().train_round.observe(stats["seconds"])
         pairs["kept"] += stats["pairs_kept"]

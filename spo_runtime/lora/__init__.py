@@ -1,0 +1,3 @@
+"""LoRA adapters: the file formats (diffusers/PEFT, kohya/webui, SGM names; safetensors only) parsed into one
+per-module form (`format`), and the runtime that applies any mix of adapters at a per-row scale inside one
+batched UNet call, fuses the default one and reads text-encoder layers (`runtime`)."""
