@@ -66,10 +66,11 @@ gpu-wheels:
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Debian tools the deployment tests use: kubectl (Debian's package is kubernetes-client) for
-# tests/test_deploy.py, prometheus and promtool for tests/test_prometheus.py. Installs only what is
+# Debian tools the tests use: kubectl (Debian's package is kubernetes-client) for tests/test_deploy.py,
+# prometheus and promtool for tests/test_prometheus.py, chromium for tests/test_ui.py (Playwright drives
+# Debian's browser: Playwright's own browser download is not used). Installs only what is
 # missing (as root, or through sudo); the tests themselves install nothing.
-SYSTEM_TOOLS := kubectl=kubernetes-client prometheus=prometheus promtool=prometheus
+SYSTEM_TOOLS := kubectl=kubernetes-client prometheus=prometheus promtool=prometheus chromium=chromium
 .PHONY: deps-system prometheus-check
 deps-system:
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%=*} >/dev/null || echo $${t#*=}; done | sort -u); \

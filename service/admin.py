@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import a1111, openai_api
+from service import a1111, openai_api, ui
 from service.auth import admin_denied
 from service.errors import Conflict, map_error, parse_body
 from service.stream import generate_stream
@@ -301,4 +301,5 @@ app = Starlette(routes=[
     Route("/admin/adapters", list_adapters, methods=["GET"]),
     *openai_api.ROUTES,  # /v1/*: the OpenAI Images API
     *a1111.ROUTES,  # /sdapi/v1/*: the AUTOMATIC1111 API
+    *ui.ROUTES,  # /ui: the playground page
 ])

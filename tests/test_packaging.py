@@ -55,7 +55,8 @@ def test_bentoml_build_and_containerfile(tmp_path):
     reqs = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
     ours = (ROOT / "requirements.txt").read_text().splitlines()
     assert "torch==2.13.0" in reqs and set(ours) <= set(reqs)
-    for f in ["service/service.py", "spo_runtime/engine/engine.py", "spo_runtime/configs/unet.json", "spo_runtime/sampling/sampler.py"]:
+    for f in ["service/service.py", "spo_runtime/engine/engine.py", "spo_runtime/configs/unet.json", "spo_runtime/sampling/sampler.py",
+              "service/ui/index.html", "service/ui/app.js", "service/ui/style.css"]:  # the last three: GET /ui's files
         assert (bento / "src" / f).is_file(), f
     assert not (bento / "src" / "tests").exists()
     assert not (bento / "src" / "deploy").exists()  # nor the container scripts or their build outputs
