@@ -26,6 +26,7 @@ ENV_NAMES = {"embed_cache_size": "SPO_EMBED_CACHE"}
 # SPO_* variables read by something other than this object (tools, benchmarks, later features): no warning
 SECRETS = {"admin_token", "api_token"}
 OTHER_VARIABLES = {"SPO_BENCH_MAX_BATCH", "SPO_BENCH_MAX_LATENCY_MS"}
+_REVISION = r"^[A-Za-z0-9][A-Za-z0-9_./-]*$"  # a hub revision: commit id, tag or branch
 
 
 class Settings(BaseModel):
@@ -39,8 +40,23 @@ class Settings(BaseModel):
     base_model_config: str | None = Field(
         None, description="for a single-file SPO_BASE_MODEL: a local diffusers pipeline directory without weights "
                           "(configs, tokenizers, scheduler) or hub id; default: SDXL base 1.0's from the hub")
-    vae: str | None = Field(None, description="hub id or AutoencoderKL directory")
-    lora: str | None = Field(None, description="LoRA file (.safetensors)")
+    vae: str | None = Field(
+        None, description="hub id or local AutoencoderKL directory; `base`: the base pipeline's own VAE (upcast to fp32 "
+                          "in fp16 when its config asks); unset: the preset's (sdxl-spo: the fp16-fix VAE, whatever "
+                          "SPO_BASE_MODEL is)")
+    lora: str | None = Field(None, description="LoRA file (.safetensors); unset: the preset's")
+    # Hub revisions: spo_runtime/model/weights.py pins each part; these override a pin on purpose.
+    base_revision: str | None = Field(
+        None, pattern=_REVISION, max_length=255, description="hub revision (commit, tag or branch) of the base model: of SPO_BASE_MODEL's "
+                                             "hub repository, or of the preset's; unset: the pin")
+    vae_revision: str | None = Field(None, pattern=_REVISION, max_length=255, description="hub revision of the VAE (SPO_VAE's hub "
+                                                                          "repository, or the preset's); unset: the pin")
+    lora_revision: str | None = Field(None, pattern=_REVISION, max_length=255, description="hub revision of the preset's SPO LoRA; "
+                                                                            "unset: the pin")
+    spm_revision: str | None = Field(None, pattern=_REVISION, max_length=255, description="hub revision of the step-aware preference "
+                                                                          "model (training); unset: the pin")
+    spm_tokenizer_revision: str | None = Field(None, pattern=_REVISION, max_length=255, description="hub revision of the preference "
+                                                                                    "model's tokenizer; unset: the pin")
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="cpu, cuda or cuda:N")
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     attention: Literal["sdpa", "xformers"] = "sdpa"
