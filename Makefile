@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # (benchmarks/RESULTS.md, contention). Inherited by the server, its training jobs and the tests.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: serve test install install-dev demo load clean gpu-wheels build weights weights-plan
+.PHONY: serve test install install-dev demo load clean gpu-wheels build weights weights-plan docs
 
 # The runtime: what the server imports (requirements.txt), and the package itself (the spo-serve command).
 $(STAMP): requirements.txt pyproject.toml
@@ -47,6 +47,10 @@ weights: $(STAMP)
 
 weights-plan: $(STAMP)
 	$(BIN)/python -m spo_runtime download --dry-run $(WEIGHTS_ARGS)
+
+# docs/configuration.md's variable and weights tables, generated from spo_runtime/settings.py and model/weights.py
+docs: $(STAMP)
+	$(BIN)/python docs/make_configuration.py
 
 build: $(STAMP)
 	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml build
