@@ -115,7 +115,7 @@ def _download(args) -> int:
     items = weights.plan(settings, preset, train=args.train)
     rows = [{"part": i.part.key, "what": i.part.what, "repo": i.repo, "revision": i.revision, "revision_from": i.how,
              "files": list(i.part.files), "approx_bytes": i.part.approx_bytes,
-             **({"dir": str(Path(args.dir) / i.part.key)} if args.dir else {})} for i in items]
+             **({"dir": str(Path(args.dir) / _dir_name(i.part.key))} if args.dir else {})} for i in items]
     unpinned = [i for i in items if not i.pinned]
     if args.dry_run:
         if args.json:
@@ -151,6 +151,11 @@ def _download(args) -> int:
                     if r["part"] == key:
                         print(f"export {var}={r['path']}")
     return 0
+
+
+def _dir_name(key: str) -> str:
+    """The directory of a part under --dir: the base's own VAE (SPO_VAE=base) goes into the base's pipeline directory."""
+    return "base" if key == "base_vae" else key
 
 
 def _gb(n: int) -> str:

@@ -193,6 +193,12 @@ def test_download_dry_run_prints_the_pinned_plan_without_the_network(monkeypatch
     text = capsys.readouterr().out
     assert f"SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep_LoRA@{LORA_COMMIT} (SPO_LORA_REVISION)" in text
     assert "into /srv/models" in text and "spm_tokenizer" in text
+    # --dir: one directory per part, the base's own VAE (SPO_VAE=base) inside the base's pipeline directory
+    monkeypatch.setenv("SPO_VAE", "base")
+    monkeypatch.setenv("SPO_LORA", "/x.safetensors")
+    assert main(["download", "--dry-run", "--json", "--dir", "/srv/models"]) == 0
+    dirs = {r["part"]: r["dir"] for r in json.loads(capsys.readouterr().out)["parts"]}
+    assert dirs == {"base": "/srv/models/base", "base_vae": "/srv/models/base"}
     assert guard.attempts == []
 
 
