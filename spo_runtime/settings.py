@@ -188,7 +188,7 @@ class Settings(BaseModel):
                                                   "every visible GPU")
     spm: str | None = Field(None, description="step-aware preference model weights (.safetensors or .bin), for "
                                               "offline training: the default of TrainConfig.spm_path; unset: fetched "
-                                              "from the hub at its pinned revision")
+                                              "from the hub at the revision weights.py pins or SPO_SPM_REVISION names")
     spm_tokenizer: str | None = Field(None, description="local tokenizer directory of the SPM (CLIP-ViT-H-14), for "
                                                         "offline training; unset: fetched from the hub")
 
