@@ -1,8 +1,10 @@
-# The two commands of the README: `make serve` and `make test`. Both create .venv on first use.
+# The README's commands: `make serve`, `make test`, `make weights`. Each creates .venv on first use.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+HOST ?= 0.0.0.0
 PORT ?= 3000
 PYTEST_ARGS ?=
 # Idle OpenMP workers sleep instead of spinning: on cores shared with other busy processes, spinning
@@ -10,29 +12,50 @@ PYTEST_ARGS ?=
 # (benchmarks/RESULTS.md, contention). Inherited by the server, its training jobs and the tests.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: serve test install demo load clean gpu-wheels build
+.PHONY: serve test install install-dev demo load clean gpu-wheels build weights weights-plan docs
 
+# The runtime: what the server imports (requirements.txt), and the package itself (the spo-serve command).
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	# torch first and pinned: an unpinned torch would pull whatever build is newest.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# Tests and benchmarks on top (requirements-dev.txt): only `make test` and the benchmark targets need them.
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
+install-dev: $(DEV_STAMP)
 
 # SPO_MODEL=auto: sdxl-spo on a CUDA machine, the tiny demo model otherwise.
 # SPO_TORCH_THREADS=1 unless set: one intra-op thread per worker kept the open-loop p95 within 1.14x with two
 # busy processes on a 2-core host, where torch's default (a thread per core) collapsed (benchmarks/RESULTS.md).
+# `spo-serve` (spo_runtime/__main__.py: serve) holds the defaults: BENTOML_DO_NOT_TRACK, SPO_TORCH_THREADS=1.
 serve: $(STAMP)
-	BENTOML_DO_NOT_TRACK=true SPO_TORCH_THREADS=$${SPO_TORCH_THREADS:-1} $(BIN)/bentoml serve service.service:SPOService --host 0.0.0.0 --port $(PORT)
+	$(BIN)/spo-serve --host $(HOST) --port $(PORT)
+
+# The pinned weights a GPU start needs (spo_runtime/model/weights.py), into HF_HOME, with their sizes;
+# `make weights-plan` prints the plan without the network. WEIGHTS_ARGS: e.g. --train, --dir /srv/models.
+WEIGHTS_ARGS ?=
+weights: $(STAMP)
+	$(BIN)/python -m spo_runtime download $(WEIGHTS_ARGS)
+
+weights-plan: $(STAMP)
+	$(BIN)/python -m spo_runtime download --dry-run $(WEIGHTS_ARGS)
+
+# docs/configuration.md's variable and weights tables, generated from spo_runtime/settings.py and model/weights.py
+docs: $(STAMP)
+	$(BIN)/python docs/make_configuration.py
 
 build: $(STAMP)
 	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml build
 
-test: $(STAMP) deps-system
+test: $(DEV_STAMP) deps-system
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
@@ -47,7 +70,7 @@ SPAWN ?= 2
 TIME ?= 60s
 LOCUST_ARGS ?=
 
-load: $(STAMP)
+load: $(DEV_STAMP)
 	mkdir -p benchmarks/out
 	$(BIN)/locust -f benchmarks/locustfile.py -H $(URL) -u $(USERS) -r $(SPAWN) -t $(TIME) --headless \
 		--csv benchmarks/out/load --html benchmarks/out/load.html $(LOCUST_ARGS)
@@ -66,19 +89,23 @@ gpu-wheels:
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Debian tools the tests use: kubectl (Debian's package is kubernetes-client) for tests/test_deploy.py,
-# prometheus and promtool for tests/test_prometheus.py, chromium for tests/test_ui.py (Playwright drives
-# Debian's browser: Playwright's own browser download is not used). Installs only what is
-# missing (as root, or through sudo); the tests themselves install nothing.
+# Debian tools the deployment tests use: kubectl (Debian's package is kubernetes-client) for
+# tests/test_deploy.py, prometheus and promtool for tests/test_prometheus.py, chromium for tests/test_ui.py
+# (Playwright drives Debian's browser; Playwright's own browser download is not used). `make test` calls this target: it
+# installs only what is missing, says so first (as root, or through sudo), and on a machine without apt-get it
+# installs nothing and says which tests will skip (CI installs them and runs those tests).
 SYSTEM_TOOLS := kubectl=kubernetes-client prometheus=prometheus promtool=prometheus chromium=chromium
 .PHONY: deps-system prometheus-check
 deps-system:
-	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%=*} >/dev/null || echo $${t#*=}; done | sort -u); \
-	if [ -n "$$missing" ]; then \
-		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		echo "apt-get install" $$missing; \
-		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%=*} >/dev/null || echo $${t#*=}; done | sort -u | tr '\n' ' '); missing=$$(echo $$missing); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "deps-system: no apt-get here: not installing $$missing; tests/test_deploy.py, tests/test_prometheus.py and tests/test_ui.py will skip"; \
+		exit 0; \
+	fi; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	echo "deps-system: installing the Debian packages $$missing (for tests/test_deploy.py, tests/test_prometheus.py, tests/test_ui.py): $$sudo apt-get install $$missing"; \
+	$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing
 
 # The Prometheus files alone (no server): promtool on the rules, their unit tests and the one-machine config.
 prometheus-check: deps-system
@@ -91,10 +118,10 @@ prometheus-check: deps-system
 # benchmarks/results/soak_$(DURATION).json. Contention: the same schedule with and without two busy processes,
 # per thread setting; `make contention`. Both take the machine for their duration: run them on a quiet one.
 DURATION ?= 30m
-soak: $(STAMP)
+soak: $(DEV_STAMP)
 	$(BIN)/python benchmarks/soak.py --duration $(DURATION) --tag soak_$(DURATION)
 
-contention: $(STAMP)
+contention: $(DEV_STAMP)
 	$(BIN)/python benchmarks/contention.py --tag contention
 
 .PHONY: soak contention

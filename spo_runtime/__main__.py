@@ -1,10 +1,13 @@
-"""Command line: `python -m spo_runtime {generate,info,save-tiny}`. Settings come from SPO_* variables."""
+"""Command line: `python -m spo_runtime {generate,info,save-tiny,download,train}`; `spo-serve` starts the HTTP
+server. Settings come from SPO_* variables."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -42,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="print the loaded model's description as JSON")
     s = sub.add_parser("save-tiny", help="write the tiny model as a diffusers pipeline directory + LoRA files")
     s.add_argument("directory")
+    d = sub.add_parser("download", help="fetch the pinned weights a preset needs (spo_runtime/model/weights.py)")
+    d.add_argument("--preset", choices=["sdxl-spo", "tiny", "sdxl-random"], default=None,
+                   help="default: SPO_MODEL, and sdxl-spo when that is auto")
+    d.add_argument("--train", action="store_true", help="also the step-aware preference model and its tokenizer")
+    d.add_argument("--dir", default=None, help="plain directories under DIR (then point SPO_BASE_MODEL, SPO_VAE, "
+                                               "SPO_LORA ... at them) instead of the Hugging Face cache (HF_HOME)")
+    d.add_argument("--dry-run", action="store_true", help="print the plan (repository, files, revision per part) "
+                                                          "and fetch nothing; no network")
+    d.add_argument("--json", action="store_true", help="print the plan or the result as JSON")
     t = sub.add_parser("train", help="train an SPO LoRA on a prompt file (resumes from DIR's last checkpoint)")
     t.add_argument("--prompts", required=True, help="text file, one prompt per line")
     t.add_argument("--output", required=True, help="directory for checkpoints, metrics.jsonl and the final adapter")
@@ -69,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_job(args.job_dir, args.adapter_dir, parent_pid=args.parent_pid)
         if args.command == "train":
             return _train(args)
+        if args.command == "download":
+            return _download(args)
         from spo_runtime.model.loading import load_pipeline
         from spo_runtime.settings import Settings
 
@@ -89,6 +103,98 @@ def main(argv: list[str] | None = None) -> int:
     except SpoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _download(args) -> int:
+    """The pinned plan of a preset, then each part fetched (or found in the cache) with its size on disk."""
+    from spo_runtime.model import weights
+    from spo_runtime.settings import Settings
+
+    settings = Settings.from_env()
+    preset = args.preset or (settings.model if settings.model != "auto" else "sdxl-spo")
+    items = weights.plan(settings, preset, train=args.train)
+    rows = [{"part": i.part.key, "what": i.part.what, "repo": i.repo, "revision": i.revision, "revision_from": i.how,
+             "files": list(i.part.files), "approx_bytes": i.part.approx_bytes,
+             **({"dir": str(Path(args.dir) / _dir_name(i.part.key))} if args.dir else {})} for i in items]
+    unpinned = [i for i in items if not i.pinned]
+    if args.dry_run:
+        if args.json:
+            print(json.dumps({"preset": preset, "parts": rows}, indent=2))
+        else:
+            where = args.dir or "the Hugging Face cache (HF_HOME)"
+            print(f"{preset}: {len(items)} part(s), about {_gb(sum(r['approx_bytes'] for r in rows))} into {where}")
+            for r in rows:
+                rev = r["revision"] or "NOT PINNED"
+                print(f"  {r['part']:<14} {r['repo']}@{rev} ({r['revision_from']}), about {_gb(r['approx_bytes'])}: "
+                      f"{', '.join(r['files'])}")
+        for i in unpinned:
+            print(f"error: {i.part.revision_variable}: {i.refusal()}", file=sys.stderr)
+        return 2 if unpinned else 0
+    for i in unpinned:
+        i.require()  # ConfigError naming SPO_*_REVISION, before anything is fetched
+    done = []
+    for item, row in zip(items, rows):
+        path = weights.download(item, local_dir=row.get("dir"))
+        size = weights.local_size(path)
+        done.append({**row, "path": str(path), "commit": weights.resolved_commit(path, item), "bytes": size})
+        if not args.json:
+            print(f"{item.part.key:<14} {item.repo}@{done[-1]['commit']}: {_gb(size)} in {path}", flush=True)
+    total = sum(r["bytes"] for r in done)
+    if args.json:
+        print(json.dumps({"preset": preset, "parts": done, "bytes": total}, indent=2))
+    else:
+        print(f"{preset}: {len(done)} part(s), {_gb(total)} on disk")
+        if args.dir:
+            for var, key in (("SPO_BASE_MODEL", "base"), ("SPO_BASE_MODEL_CONFIG", "base_config"), ("SPO_VAE", "vae"),
+                             ("SPO_LORA", "lora"), ("SPO_SPM", "spm"), ("SPO_SPM_TOKENIZER", "spm_tokenizer")):
+                for r in done:
+                    if r["part"] == key:
+                        print(f"export {var}={r['path']}")
+    return 0
+
+
+def _dir_name(key: str) -> str:
+    """The directory of a part under --dir: the base's own VAE (SPO_VAE=base) goes into the base's pipeline directory."""
+    return "base" if key == "base_vae" else key
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def serve_command(argv: list[str] | None = None) -> tuple[list[str], dict[str, str], Path]:
+    """(command, environment, working directory) of `spo-serve`: `bentoml serve service.service:SPOService` with the
+    defaults `make serve` uses. The BentoML service lives in the source tree's service/, beside spo_runtime/."""
+    p = argparse.ArgumentParser(prog="spo-serve", description="Start the spo-serve HTTP server (BentoML).")
+    p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"),
+                   help="address to bind (default 0.0.0.0: every interface; 127.0.0.1 keeps it on this machine)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3000")))
+    args, extra = p.parse_known_args(argv)
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "service" / "service.py").is_file():
+        root = Path.cwd()
+        if not (root / "service" / "service.py").is_file():
+            raise SystemExit("spo-serve: service/service.py not found: run it from a checkout of the repository "
+                             "(the BentoML service ships with the source tree, not inside the spo_runtime package)")
+    bentoml = Path(sys.executable).with_name("bentoml")
+    cmd = [str(bentoml) if bentoml.exists() else shutil.which("bentoml") or "bentoml", "serve",
+           "service.service:SPOService", "--host", args.host, "--port", str(args.port), *extra]
+    env = {**os.environ}
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    # one intra-op thread per worker kept the open-loop p95 within 1.14x with two busy processes on a 2-core
+    # host, where torch's default (a thread per core) collapsed (benchmarks/RESULTS.md, Soak and contention)
+    env.setdefault("SPO_TORCH_THREADS", "1")
+    # idle OpenMP workers sleep instead of spinning on cores shared with other processes (RESULTS.md, contention)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return cmd, env, root
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """The `spo-serve` console script: `spo-serve --port 3000` is `make serve`."""
+    cmd, env, root = serve_command(sys.argv[1:] if argv is None else argv)
+    os.chdir(root)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
 
 
 def _train(args) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -45,3 +46,15 @@ def pixels(img) -> np.ndarray:
 
 def max_pixel_diff(a, b) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def system_tool(name: str, package: str) -> str:
+    """A Debian tool a test needs (kubectl, prometheus, promtool): skipped with one line where it is missing (a
+    machine without apt; `make deps-system` says what it would install), a failure in CI, which installs it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found: `make deps-system` installs it (Debian package {package})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -55,6 +55,11 @@ def test_bentoml_build_and_containerfile(tmp_path):
     reqs = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
     ours = (ROOT / "requirements.txt").read_text().splitlines()
     assert "torch==2.13.0" in reqs and set(ours) <= set(reqs)
+    # the runtime only: none of the tests' or benchmarks' packages reach the image
+    pins = _pins(bento / "env" / "python" / "requirements.txt")
+    assert "accelerate" in pins and not DEV_ONLY & set(pins), DEV_ONLY & set(pins)
+    assert not set(_pins(ROOT / "requirements-dev.txt")) & set(pins)
+    assert (bento / "src" / "spo_runtime" / "model" / "weights.py").is_file()  # the image carries the pins
     for f in ["service/service.py", "spo_runtime/engine/engine.py", "spo_runtime/configs/unet.json", "spo_runtime/sampling/sampler.py",
               "service/ui/index.html", "service/ui/app.js", "service/ui/style.css"]:  # the last three: GET /ui's files
         assert (bento / "src" / f).is_file(), f
@@ -97,3 +102,84 @@ def test_container_scripts_parse_and_stay_out_of_make_test():
     assert re.search(r"^container:", makefile, re.M) and re.search(r"^container-test:", makefile, re.M)
     test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
     assert "container" not in test_recipe
+
+
+DEV_ONLY = {"pytest", "locust", "schemathesis", "matplotlib", "hypothesis", "peft", "kubernetes-validate", "openai",
+            "webuiapi", "httpx-sse", "playwright"}
+
+
+def _pins(path: Path) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "-")):
+            name, _, version = line.partition("==")
+            out[canonicalize_name(name)] = version
+    return out
+
+
+def test_runtime_and_development_requirements_are_apart():
+    """requirements.txt is what the server imports and everything those packages need (per their metadata here);
+    requirements-dev.txt adds the tests' and benchmarks' packages and repeats none of the runtime's."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    run, dev = _pins(ROOT / "requirements.txt"), _pins(ROOT / "requirements-dev.txt")
+    assert not DEV_ONLY & set(run), DEV_ONLY & set(run)
+    assert DEV_ONLY <= set(dev) and not set(run) & set(dev)
+    assert {"accelerate", "huggingface-hub", "bentoml", "torch", "diffusers"} <= set(run)
+    # every third-party module spo_runtime/ and service/ import comes from a runtime pin (optional: xformers)
+    imported = set()
+    for f in list((ROOT / "spo_runtime").rglob("*.py")) + list((ROOT / "service").rglob("*.py")):
+        imported |= set(re.findall(r"^\s*(?:from|import) ([A-Za-z_]\w*)", f.read_text(), re.M))
+    dists = md.packages_distributions()
+    third = {canonicalize_name(d) for m in imported if m in dists for d in dists[m]} - {"spo-serve"}
+    assert third - {"xformers"} <= set(run), third - set(run)
+    # and the runtime pins are closed: each one's own requirements (for this platform) are pinned too
+    for name in run:
+        try:
+            reqs = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        for r in map(Requirement, reqs):
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                assert canonicalize_name(r.name) in run or canonicalize_name(r.name) == "setuptools", (name, str(r))
+
+
+def test_pyproject_bounds_scripts_and_the_makefile():
+    import tomllib
+
+    import torch
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = {re.split(r"[<>=!~ ]", d)[0]: d for d in project["dependencies"]}
+    assert deps["torch"] == "torch>=2.7"  # the portable compile cache of spo_runtime/speed/compiling.py
+    assert hasattr(torch.compiler, "save_cache_artifacts") and hasattr(torch.compiler, "load_cache_artifacts")
+    assert "accelerate" in deps and "huggingface_hub" in deps
+    assert project["scripts"]["spo-serve"] == "spo_runtime.__main__:serve"
+    makefile = (ROOT / "Makefile").read_text()
+    serve = re.search(r"^serve:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "$(BIN)/spo-serve --host $(HOST) --port $(PORT)" in serve
+    assert re.search(r"^HOST \?= 0\.0\.0\.0$", makefile, re.M) and re.search(r"^PORT \?= 3000$", makefile, re.M)
+    assert re.search(r"^test: \$\(DEV_STAMP\) deps-system$", makefile, re.M)
+    dev = re.search(r"^\$\(DEV_STAMP\):.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "-r requirements.txt -r requirements-dev.txt" in dev
+    runtime = re.search(r"^\$\(STAMP\):.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "requirements-dev" not in runtime
+
+
+def test_spo_serve_runs_bentoml_serve_with_make_serves_defaults(monkeypatch):
+    from spo_runtime.__main__ import serve_command
+
+    for var in ("HOST", "PORT", "SPO_TORCH_THREADS", "BENTOML_DO_NOT_TRACK"):
+        monkeypatch.delenv(var, raising=False)
+    cmd, env, root = serve_command(["--port", "3001"])
+    assert cmd[0].endswith("bentoml") and cmd[1:] == ["serve", "service.service:SPOService", "--host", "0.0.0.0", "--port", "3001"]
+    assert root == ROOT and env["SPO_TORCH_THREADS"] == "1" and env["BENTOML_DO_NOT_TRACK"] == "true"
+    monkeypatch.setenv("SPO_TORCH_THREADS", "4")
+    cmd, env, _ = serve_command(["--host", "127.0.0.1", "--reload"])
+    assert cmd[-4:] == ["127.0.0.1", "--port", "3000", "--reload"] and env["SPO_TORCH_THREADS"] == "4"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ import httpx
 import pytest
 import yaml
 
+from conftest import system_tool
 from server import ROOT, Server, free_port
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -25,10 +25,7 @@ DASHBOARD = PROM_DIR / "grafana-dashboard.json"
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: `make deps-system` installs Debian's prometheus package (prometheus, promtool)")
-    return path
+    return system_tool(name, "prometheus")
 
 
 def spo_series() -> set[str]:

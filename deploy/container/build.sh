@@ -66,6 +66,10 @@ tag=$("$BENTOML" build -f "$bentofile" --output tag . | tail -1)
 tag=${tag#__tag__:}
 [[ $tag == spo-serve:* ]] || die "bentoml build printed no tag"
 t_bento=$(date +%s)
+# The image carries spo_runtime/model/weights.py: its `python -m spo_runtime download` (the Kubernetes init
+# container, docs/deploy.md) fetches exactly these parts. Recorded beside the build (exit 2: a part is unpinned).
+"$PYTHON" -m spo_runtime download --preset sdxl-spo --dry-run --json > "$BUILD_DIR/weights-plan.json" 2>/dev/null \
+    || log "weights: a part is not pinned (spo_runtime/model/weights.py); plan in $BUILD_DIR/weights-plan.json"
 
 # -- image --------------------------------------------------------------------------------------------
 old_id=$("$ENGINE" image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
@@ -92,7 +96,7 @@ t_done=$(date +%s)
 size=$("$ENGINE" image inspect -f '{{.Size}}' "$IMAGE")
 cat > "$BUILD_DIR/last-build.json" <<EOF
 {"image": "$IMAGE", "bento": "$tag", "engine": "$ENGINE", "base": "${base_image:-$STANDARD_BASE}", "torch": "$TORCH",
- "size_bytes": $size, "seconds": {"base": $((t_base - t_start)), "bento": $((t_bento - t_base)),
+ "weights_plan": "$BUILD_DIR/weights-plan.json", "size_bytes": $size, "seconds": {"base": $((t_base - t_start)), "bento": $((t_bento - t_base)),
  "containerize": $((t_image - t_bento)), "remove_previous": $((t_done - t_image)), "total": $((t_done - t_start))}}
 EOF
 log "built $IMAGE ($((size / 1000000)) MB, $ENGINE, base ${base_image:-$STANDARD_BASE}, torch $TORCH) in $((t_done - t_start)) s"

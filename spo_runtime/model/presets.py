@@ -1,6 +1,6 @@
 """The three presets (`sdxl-spo`: real weights from the hub; `sdxl-random`: full-size SDXL with random
 weights, for GPU timing; `tiny`: built in code, for CPU development and tests), the hub ids the real one
-loads, and how Settings pick (preset, device, dtype)."""
+loads (pinned with their files and revisions in `weights.py`), and how Settings pick (preset, device, dtype)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
-from spo_runtime.errors import ModelLoadError
+from spo_runtime.errors import ConfigError, ModelLoadError
+from spo_runtime.model.weights import PARTS
 from spo_runtime.settings import Settings
 
 log = logging.getLogger("spo_runtime")
 
-SPO_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-SPO_VAE = "madebyollin/sdxl-vae-fp16-fix"
-SPO_LORA_REPO = "SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep_LoRA"
-SPO_LORA_FILE = "spo_sdxl_10ep_4k-data_lora_diffusers.safetensors"
+SPO_BASE = PARTS["base"].repo
+SPO_VAE = PARTS["vae"].repo
+SPO_LORA_REPO = PARTS["lora"].repo
+SPO_LORA_FILE = PARTS["lora"].files[0]
 DEFAULT_ADAPTER = "spo"  # the name the preset's LoRA is loaded under
 
 
@@ -58,15 +59,27 @@ def resolve(settings: Settings) -> tuple[Preset, torch.device, torch.dtype]:
     return PRESETS[name], device, dtype
 
 
-def hub_file(repo: str, filename: str, var: str) -> str:
-    """A file of a hub repository (from the local cache when offline); the error names the variable `var`
-    that points at a local file instead."""
+def hub_file(repo: str, filename: str, var: str, revision: str | None = None) -> str:
+    """A file of a hub repository at `revision` (default: its pin in weights.py), from the local cache when it
+    is there or when offline; the error names the variable `var` that points at a local file instead. A file
+    that is neither pinned nor given a revision is refused (ConfigError naming its SPO_*_REVISION)."""
+    part = next((p for p in PARTS.values() if p.repo == repo and p.files == (filename,)), None)
+    revision = revision or (part.revision if part else None)
+    if revision is None:
+        what = (f"{repo}/{filename} is not pinned in this release: set {part.revision_variable} to a commit of {repo}"
+                if part else f"{repo}/{filename} has no pinned revision")
+        raise ConfigError(part.revision_variable if part else var,
+                          f"{what}, or set {var} to a local {_suffixes(var)} file")
     try:
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(repo, filename)
+        return hf_hub_download(repo, filename, revision=revision)
     except Exception as e:  # offline, gated, missing
         raise ModelLoadError(
-            f"{var}: could not fetch {repo}/{filename} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            f"set {var} to a local {'.safetensors or .bin' if var == 'SPO_SPM' else '.safetensors'} file"
+            f"{var}: could not fetch {repo}/{filename} at {revision} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            f"set {var} to a local {_suffixes(var)} file"
         ) from e
+
+
+def _suffixes(var: str) -> str:
+    return ".safetensors or .bin" if var == "SPO_SPM" else ".safetensors"

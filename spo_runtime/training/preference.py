@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel
 
 from spo_runtime.errors import CheckpointFormatError
+from spo_runtime.model import weights
 
 __all__ = [
     "CLIP_MEAN",
@@ -537,9 +538,9 @@ class BrightnessScorer:
 # ---------------------------------------------------------------------------------------------
 # Offline SPM: SPO_SPM (weights) and SPO_SPM_TOKENIZER (a local tokenizer directory)
 
-SPM_REPO = "SPO-Diffusion-Models/Step-Aware_Preference_Models"
-SPM_FILE = "sdxl_step-aware_preference_model.bin"
-SPM_TOKENIZER_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+SPM_REPO = weights.PARTS["spm"].repo  # repositories, files and revisions: spo_runtime/model/weights.py
+SPM_FILE = weights.PARTS["spm"].files[0]
+SPM_TOKENIZER_REPO = weights.PARTS["spm_tokenizer"].repo
 
 
 def default_spm_path() -> str | None:
@@ -559,10 +560,8 @@ def spm_weights_file(path: str | None) -> str:
             raise FileNotFoundError(f"SPO_SPM / config.spm_path: SPM checkpoint not found: {path}")
         return str(path)
     try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(SPM_REPO, SPM_FILE)
-    except Exception as e:  # offline, gated, missing
+        return str(weights.download(weights.fetch_for("spm", weights.env_settings())))
+    except Exception as e:  # offline, gated, missing, not pinned
         raise CheckpointFormatError(
             f"SPO_SPM: could not fetch {SPM_REPO}/{SPM_FILE} from the Hugging Face hub ({type(e).__name__}: {e}); "
             "set SPO_SPM to a local .safetensors or .bin file of the step-aware preference model"
@@ -574,11 +573,11 @@ def load_spm_tokenizer(directory: str | None):
     says which variable to set."""
     from transformers import CLIPTokenizer
 
-    source = directory or SPM_TOKENIZER_REPO
     try:
         if directory and not any((Path(directory) / f).is_file() for f in ("vocab.json", "tokenizer.json")):
             raise FileNotFoundError("no vocab.json or tokenizer.json in it")
-        return CLIPTokenizer.from_pretrained(source, local_files_only=bool(directory))
+        source = directory or str(weights.download(weights.fetch_for("spm_tokenizer", weights.env_settings())))
+        return CLIPTokenizer.from_pretrained(source, local_files_only=True)
     except Exception as e:
         what = f"the tokenizer directory {directory!r}" if directory else f"{SPM_TOKENIZER_REPO} from the Hugging Face hub"
         raise CheckpointFormatError(
