@@ -16,17 +16,8 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from spo_runtime import AdapterInUseError, AdapterNotFoundError, NonFiniteError
-from spo_runtime.engine.engine import (
-    DeadlineExceededError,
-    Engine,
-    EngineConfig,
-    EngineUnavailableError,
-    QueueFullError,
-    RequestCancelledError,
-    StepPlan,
-    StepResult,
-    Submission,
-)
+from spo_runtime.engine import Engine, EngineConfig, StepPlan, StepResult, Submission
+from spo_runtime.errors import DeadlineExceededError, EngineUnavailableError, QueueFullError, RequestCancelledError
 from spo_runtime.metrics import Metrics
 from spo_runtime.requests import GeneratedImage, GenerationRequest, ActiveRequest, Status
 

@@ -30,8 +30,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal, Protocol
+from typing import Any, Awaitable, Callable
 
 import torch
 
@@ -39,134 +38,12 @@ from spo_runtime.errors import (DeadlineExceededError, SpoError, EngineUnavailab
                                 RequestCancelledError, is_oom)
 from spo_runtime.faults import NONE, Faults, InjectedFault
 from spo_runtime.metrics import Metrics, default_metrics
+from spo_runtime.engine.config import EngineConfig
+from spo_runtime.engine.plan import Progress, RunningImage, Size, Slot, StepPlan, StepResult, Submission
+from spo_runtime.engine.step_model import StepModel
 from spo_runtime.requests import GeneratedImage, GenerationRequest, ActiveRequest, Status
 
 log = logging.getLogger("spo_runtime.engine")
-
-
-class StepModel(Protocol):
-    """What the engine drives: `SpoPipeline` in the server, a fake in the scheduler's tests. The engine
-    knows nothing else of the model (it never imports `spo_runtime.model`)."""
-
-    preset: Any  # .default_size, .size_range
-    registry: Any  # the LoRA registry: .adapters, .read, .load, .get, .in_use
-    default_lora_scale: float
-    device: torch.device
-
-    def parse(self, request: GenerationRequest | dict) -> GenerationRequest: ...
-    def prepare(self, requests: list[GenerationRequest | dict]) -> list[ActiveRequest]: ...
-    def denoise(self, states: list[ActiveRequest]) -> Any: ...
-    def decode(self, states: list[ActiveRequest]) -> list: ...
-    def set_default_lora_scale(self, scale: float) -> dict: ...
-    def set_default_adapter(self, name: str | None) -> None: ...
-    def unload_adapter(self, name: str) -> None: ...
-
-Size = tuple[int, int]  # (height, width)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's limits. Built from the service's Settings; each field names its variable."""
-
-    max_batch: int = 8  # SPO_MAX_BATCH: images per UNet call
-    max_queue: int = 64  # SPO_MAX_QUEUE: waiting images before 429
-    request_timeout_s: float = 300.0  # SPO_REQUEST_TIMEOUT_S
-    batching: Literal["step", "request"] = "step"  # SPO_BATCHING
-
-    def __post_init__(self) -> None:
-        if not self.max_batch >= 1:
-            raise ValueError(f"SPO_MAX_BATCH: must be >= 1, got {self.max_batch}")
-        if not self.max_queue >= 0:
-            raise ValueError(f"SPO_MAX_QUEUE: must be >= 0, got {self.max_queue}")
-        if not self.request_timeout_s > 0:
-            raise ValueError(f"SPO_REQUEST_TIMEOUT_S: must be > 0, got {self.request_timeout_s}")
-        if self.batching not in ("step", "request"):
-            raise ValueError(f"SPO_BATCHING: must be 'step' or 'request', got {self.batching!r}")
-
-    @classmethod
-    def from_settings(cls, settings) -> EngineConfig:
-        """The limits a server's Settings (SPO_* variables) give."""
-        return cls(max_batch=settings.max_batch, max_queue=settings.max_queue,
-                   request_timeout_s=settings.request_timeout_s, batching=settings.batching)
-
-
-_submission_seq = itertools.count()
-
-
-@dataclass(eq=False)
-class Submission:
-    """One call to `submit`: n images of one size, answered together by one future."""
-
-    id: str
-    requests: list[GenerationRequest]
-    size: Size
-    deadline: float
-    future: concurrent.futures.Future
-    t_submit: float = field(default_factory=time.perf_counter)
-    results: list[GeneratedImage | None] = field(default_factory=list)
-    cancelled: bool = False
-    answered: bool = False  # the engine has decided the answer (set under the lock; the future follows)
-    seq: int = field(default_factory=lambda: next(_submission_seq))  # FIFO order, ties included
-    # progress: called in the engine thread after each step of each row, with a `Progress`; keep it cheap
-    progress: Callable[[Progress], None] | None = None
-    preview: bool = False  # Progress carries a CPU copy of the row's latent
-    position: int = 0  # images ahead of this submission in the queue when it was submitted
-
-    def cancel(self) -> None:
-        """Leave the batch at the next step boundary (e.g. the client went away)."""
-        self.cancelled = True
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One denoising step of one image: step `i` of the `n` its row runs (an img2img row runs fewer)."""
-
-    index: int  # which image of the submission
-    i: int
-    n: int
-    eta_s: float  # seconds until this image is done, at the recent step time
-    latents: torch.Tensor | None = None  # (1, C, h, w) on the CPU, when the submission asked for previews
-
-
-@dataclass(frozen=True)
-class RunningImage:
-    """A snapshot of one running image (`Engine.oldest_running`)."""
-
-    submission: Submission  # `.cancel()` makes it leave at the next step boundary
-    index: int
-    step: int
-    steps: int
-    start: int  # an img2img row starts past 0
-    step_seconds: float  # the recent step time (EWMA)
-
-
-Slot = tuple[Submission, int]  # one image of a submission: (submission, index in its requests)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What one loop iteration does, decided by `schedule()`; a snapshot, never the live lists."""
-
-    size: Size | None  # the group that runs (None: nothing to run)
-    admit: tuple[Slot, ...] = ()  # waiting images that join the group on this step, FIFO
-    running: tuple[ActiveRequest, ...] = ()  # the group's rows before the admitted ones join
-    drop: tuple[tuple[Submission, BaseException], ...] = ()  # submissions that leave, and why
-
-    @property
-    def idle(self) -> bool:
-        return self.size is None and not self.drop
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What `run(plan)` computed; `update(plan, result)` applies it."""
-
-    admitted: tuple[ActiveRequest, ...] = ()  # prepared rows of plan.admit (tag = their slot)
-    rejected: tuple[tuple[Submission, BaseException], ...] = ()  # submissions whose preparation failed
-    failed: tuple[tuple[ActiveRequest, BaseException], ...] = ()  # rows whose step failed
-    finished: tuple[tuple[ActiveRequest, GeneratedImage | BaseException], ...] = ()  # done rows: image or decode error
-    step_seconds: float | None = None  # None: no UNet call ran
-    batch_size: int = 0
 
 
 class Engine:
@@ -417,7 +294,7 @@ class Engine:
                 result = self.run(plan)
             except Exception as e:  # never let one step kill the loop: fail this step's rows only
                 log.exception("engine step failed")
-                result = _failed(plan, EngineUnavailableError(f"step failed: {type(e).__name__}: {e}"))
+                result = StepResult.all_failed(plan, EngineUnavailableError(f"step failed: {type(e).__name__}: {e}"))
             try:
                 self.update(plan, result)
             except Exception as e:  # the bookkeeping is no longer trustworthy: answer everyone
@@ -699,12 +576,6 @@ class Engine:
         if dev.type == "cuda":
             self.metrics.mem_allocated.labels(str(dev)).set(torch.cuda.memory_allocated(dev))
             self.metrics.mem_reserved.labels(str(dev)).set(torch.cuda.memory_reserved(dev))
-
-
-def _failed(plan: StepPlan, err: BaseException) -> StepResult:
-    """The result of a step that raised unexpectedly: its rows and its admitted submissions fail."""
-    subs = dict.fromkeys(sub for sub, _ in plan.admit)
-    return StepResult(rejected=tuple((sub, err) for sub in subs), failed=tuple((s, err) for s in plan.running))
 
 
 def _answer(fut: concurrent.futures.Future, value: Any, err: BaseException | None) -> None:
