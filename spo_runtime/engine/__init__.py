@@ -6,6 +6,7 @@ the model only through that protocol. Its errors live in `spo_runtime.errors`.""
 from spo_runtime.engine.config import EngineConfig
 from spo_runtime.engine.engine import Engine
 from spo_runtime.engine.plan import Progress, RunningImage, StepPlan, StepResult, Submission
+from spo_runtime.engine.scheduler import Scheduler
 from spo_runtime.engine.step_model import StepModel
 
-__all__ = ["Engine", "EngineConfig", "Progress", "RunningImage", "StepModel", "StepPlan", "StepResult", "Submission"]
+__all__ = ["Engine", "EngineConfig", "Progress", "RunningImage", "Scheduler", "StepModel", "StepPlan", "StepResult", "Submission"]
