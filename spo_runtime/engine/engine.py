@@ -5,8 +5,8 @@ Each iteration of the loop is a step boundary (queued admin calls and boundary h
     result = run(plan)        # Runner: prepare the joiners, one UNet call over the group, decode the done
     update(plan, result)      # Scheduler applies the step; the engine tells the callers
 `scheduler.py` and `runner.py` say what each half decides and computes. Cancellations, deadlines and
-admin changes take effect only at these boundaries. The engine owns one Condition; the scheduler's state,
-the admin-call queue and the stop/died flags are all read and written under it, from any thread.
+admin changes take effect only at these boundaries. The engine owns one Condition: the scheduler's state,
+the admin-call queue and the stop flag are read and written under it from any thread, `died` written.
 
 The loop runs in its own thread. Measured here (2-core CPU, tiny preset): a thread other than the
 process's main thread runs the same batch-8 step about 30% slower (OpenMP's thread pool is tuned for
