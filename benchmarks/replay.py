@@ -26,7 +26,7 @@ def replay(model_dir: str, warmup: list[dict], requests: list[dict]) -> dict:
     import torch
 
     from spo_runtime import Settings, load_pipeline
-    from spo_runtime.engine.engine import Engine, EngineConfig
+    from spo_runtime.engine import Engine, EngineConfig
 
     pipe = load_pipeline(Settings(model="tiny", base_model=model_dir))
     engine = Engine(pipe, EngineConfig(max_queue=256, batching="step")).start()

@@ -93,7 +93,7 @@ class SPOService:
     def _load(self) -> None:
         try:
             from spo_runtime import load_pipeline
-            from spo_runtime.engine.engine import Engine, EngineConfig
+            from spo_runtime.engine import Engine, EngineConfig
             from spo_runtime.training.jobs import JobStore, Supervisor
             from spo_runtime.state import AdminStore, AdminSync
 

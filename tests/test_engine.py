@@ -10,14 +10,8 @@ import torch
 
 from conftest import max_pixel_diff
 from spo_runtime import AdapterInUseError, Settings, load_pipeline
-from spo_runtime.engine.engine import (
-    DeadlineExceededError,
-    Engine,
-    EngineConfig,
-    EngineUnavailableError,
-    QueueFullError,
-    RequestCancelledError,
-)
+from spo_runtime.engine import Engine, EngineConfig
+from spo_runtime.errors import DeadlineExceededError, EngineUnavailableError, QueueFullError, RequestCancelledError
 from spo_runtime.metrics import Metrics
 from prometheus_client import CollectorRegistry
 

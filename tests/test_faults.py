@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from conftest import max_pixel_diff, pixels
 from spo_runtime import NonFiniteError, Settings, load_pipeline
-from spo_runtime.engine.engine import DeadlineExceededError, Engine, EngineConfig, EngineUnavailableError
-from spo_runtime.errors import ConfigError
+from spo_runtime.engine import Engine, EngineConfig
+from spo_runtime.errors import ConfigError, DeadlineExceededError, EngineUnavailableError
 from spo_runtime.faults import Faults
 from spo_runtime.metrics import Metrics
 

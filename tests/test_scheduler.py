@@ -8,6 +8,7 @@ injected clock. The fake pipeline implements only what the engine calls; its row
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from types import SimpleNamespace
 
@@ -16,17 +17,8 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from spo_runtime import AdapterInUseError, AdapterNotFoundError, NonFiniteError
-from spo_runtime.engine.engine import (
-    DeadlineExceededError,
-    Engine,
-    EngineConfig,
-    EngineUnavailableError,
-    QueueFullError,
-    RequestCancelledError,
-    StepPlan,
-    StepResult,
-    Submission,
-)
+from spo_runtime.engine import Engine, EngineConfig, Scheduler, StepPlan, StepResult, Submission
+from spo_runtime.errors import DeadlineExceededError, EngineUnavailableError, QueueFullError, RequestCancelledError
 from spo_runtime.metrics import Metrics
 from spo_runtime.requests import GeneratedImage, GenerationRequest, ActiveRequest, Status
 
@@ -287,6 +279,37 @@ def test_request_mode_admits_only_into_an_empty_group(make):
     late = step_eng.submit([req(1, steps=2)])
     plan = step_eng.schedule()
     assert seeds(plan.running) == [0] and admitted(plan) == [(late, 0)]
+
+
+def test_the_scheduler_alone_plans_and_applies_a_hand_made_result(clock):
+    """No engine and no model: the scheduler's plan, then a StepResult built by hand, applied."""
+    sched = Scheduler(EngineConfig(max_batch=2), Metrics(CollectorRegistry()), clock)
+    pipe = FakePipe()
+    subs = [Submission(f"s{i}", [pipe.parse(req(i, steps=1))], A, clock.t + 10, concurrent.futures.Future(),
+                       t_submit=clock.t, results=[None]) for i in range(3)]
+    for sub in subs:
+        sched.add(sub)
+    assert [sub.position for sub in subs] == [0, 1, 2] and sched.has_work
+    plan = sched.schedule()
+    assert plan == StepPlan(A, admit=((subs[0], 0), (subs[1], 0)))
+    assert sched.stats()["waiting"] == 1 and sched.stats()["running"] == 2  # admitted: no longer waiting
+
+    rows = pipe.prepare([sub.requests[i] for sub, i in plan.admit])
+    for (sub, i), row in zip(plan.admit, rows):
+        row.tag, row.timings["queue_ms"] = (sub, i), 0.0
+    image = GeneratedImage(image=None, seed=0, lora_scale=1.0, adapter="spo", adapter_sha256=None,
+                           prompt_truncated=False, request=rows[0].request, timings={"denoise_ms": 5.0})
+    boom = EngineUnavailableError("step failed (ValueError); retry later")
+    notes, answers = sched.update(plan, StepResult(admitted=tuple(rows), failed=((rows[1], boom),),
+                                                   finished=((rows[0], image),), step_seconds=0.5, batch_size=2))
+    assert notes == []  # nobody listens to progress
+    assert answers == [(subs[1].future, None, boom), (subs[0].future, [image], None)]
+    assert not subs[0].future.done() and not subs[1].future.done()  # the engine delivers, not the scheduler
+    assert [r.status for r in rows] == [Status.FINISHED, Status.FAILED] and subs[1].cancelled
+    assert sched.steps == 1 and sched.stats()["step_seconds_ewma"] == 0.5
+    assert sched.stats()["waiting"] == 1 and sched.stats()["running"] == 0 and sched.stats()["groups"] == {}
+    assert sched.schedule() == StepPlan(A, admit=((subs[2], 0),))
+    assert sched.retry_after() == 1.0  # nothing runs: one step of 0.5 s, rounded up to a second
 
 
 # -- leaving ---------------------------------------------------------------------------------------
