@@ -13,7 +13,6 @@ import time
 import zlib
 
 import httpx
-import numpy as np
 import psutil
 import pytest
 from PIL import Image
