@@ -124,6 +124,8 @@ class Settings(BaseModel):
     # -- the engine --------------------------------------------------------------------------
     max_batch: int = Field(8, ge=1, le=256, description="images per UNet call; peak GPU memory grows with it "
                                                          "(docs/performance.md, Memory)")
+    vae_decode_batch: int | None = Field(None, ge=1, le=256, description="at most this many images per VAE decode call; "
+                                         "unset: sized by free GPU memory (one call on the CPU), halved on out of memory")
     max_queue: int = Field(64, ge=0, description="waiting images before 429")
     request_timeout_s: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False,
                                      description="longest a request may take, in seconds (a request may ask for less "
