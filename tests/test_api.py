@@ -71,13 +71,13 @@ def test_long_prompt_is_truncated_and_flagged(pipe):
 def test_embedding_cache_hits_and_bounds(tiny_dir):
     p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), embed_cache_size=2))
     calls = []
-    orig = p._encode_texts
-    p._encode_texts = lambda texts: calls.append(list(texts)) or orig(texts)
+    orig = p.prompts._encode_texts
+    p.prompts._encode_texts = lambda texts: calls.append(list(texts)) or orig(texts)
     p.prepare([dict(prompt="a", negative_prompt="b"), dict(prompt="a")])  # one batched call, "a" once
     p.prepare([dict(prompt="a")])  # cached
     p.prepare([dict(prompt="c"), dict(prompt="d")])  # evicts
     assert calls == [["a", "b"], ["c", "d"]]
-    assert list(p._cache) == ["c", "d"]
+    assert list(p.prompts._cache) == ["c", "d"]
 
 
 def test_mixed_sizes_in_one_call(pipe):

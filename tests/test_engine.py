@@ -196,8 +196,8 @@ def test_admitted_submissions_share_one_text_encoding_and_a_bad_one_fails_alone(
     from spo_runtime import AdapterNotFoundError
 
     calls = []
-    real = epipe._encode_texts
-    monkeypatch.setattr(epipe, "_encode_texts", lambda texts: calls.append(list(texts)) or real(texts))
+    real = epipe.prompts._encode_texts
+    monkeypatch.setattr(epipe.prompts, "_encode_texts", lambda texts: calls.append(list(texts)) or real(texts))
     eng = make_engine(epipe)
     try:
         gate = threading.Event()

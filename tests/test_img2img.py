@@ -111,6 +111,22 @@ def test_image_sizes_the_preset_does_not_allow(pipe):
         pipe.prepare([dict(prompt="a", init_image=base64.b64encode(gif.getvalue()).decode())])
 
 
+def test_the_latent_scaling_pair_is_diffusers_and_inverts():
+    """VAE -> UNet scale as diffusers' SDXL pipelines write it, with and without per-channel statistics, and back."""
+    from diffusers.configuration_utils import FrozenDict
+
+    from spo_runtime.model.vae import from_unet, to_unet
+
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = FrozenDict(scaling_factor=0.13025)
+    stats = FrozenDict(scaling_factor=0.5, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+    mean, std = (torch.tensor(stats[k]).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
+    assert torch.equal(to_unet(z, plain), 0.13025 * z) and torch.equal(from_unet(z, plain), z / 0.13025)
+    assert torch.equal(to_unet(z, stats), (z - mean) * 0.5 / std) and torch.equal(from_unet(z, stats), z * std / 0.5 + mean)
+    for cfg in (plain, stats):
+        assert torch.allclose(from_unet(to_unet(z, cfg), cfg), z, atol=1e-6)
+
+
 def test_too_many_pixels_refused_before_decoding(pipe):
     huge = io.BytesIO()
     Image.new("L", (5000, 4000)).save(huge, format="PNG")  # a few KB compressed, 20 M pixels

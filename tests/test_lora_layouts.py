@@ -188,7 +188,8 @@ def test_text_encoder_lora_per_request_matches_diffusers(ours, diffusers_pipe, t
     batch = ours.generate(reqs)
     assert ours.last_step.rows == 3  # one UNet call for the three rows
     sha = a.sha256
-    assert (PROMPT, "te", sha, 0.6) in ours._cache and (PROMPT, "te", sha, 1.3) in ours._cache and PROMPT in ours._cache
+    cache = ours.prompts._cache
+    assert (PROMPT, "te", sha, 0.6) in cache and (PROMPT, "te", sha, 1.3) in cache and PROMPT in cache
     try:
         refs = [diffusers_image(diffusers_pipe, path, "te", s, 7) for s in (0.6, 1.3)]
     finally:
@@ -210,7 +211,7 @@ def test_text_encoder_lora_per_request_matches_diffusers(ours, diffusers_pipe, t
     assert all(max_pixel_diff(x.image, y.image) <= 1 for x, y in zip(again, batch))
     # unloading forgets the embeddings made with the adapter's text-encoder layers
     ours.unload_adapter("te")
-    assert not any(isinstance(k, tuple) and k[1] == "te" for k in ours._cache)
+    assert not any(isinstance(k, tuple) and k[1] == "te" for k in ours.prompts._cache)
     for name in ("te_unet_only", "te_peft"):
         ours.unload_adapter(name)
 

@@ -1,7 +1,8 @@
 """The model: presets and how Settings pick one (`presets`), loading a preset's parts from a diffusers directory,
 the hub, a single-file checkpoint or code (`loading`, `single_file`, `tiny`), what identifies each part
-(`fingerprint`), and the resident `SpoPipeline` that the engine and the trainer drive: prompts to
-embeddings, one batched denoising step over rows of mixed parameters, latents to images (`pipeline`)."""
+(`fingerprint`), and the resident `SpoPipeline` that the engine and the trainer drive (`pipeline`), composed of
+prompts to embeddings (`text`), one batched denoising step over rows of mixed parameters (`denoiser`), latents
+to and from images (`vae`) and the speed settings applied to them (`speed_paths`)."""
 
 from spo_runtime.model.loading import load_pipeline
 from spo_runtime.model.pipeline import SpoPipeline
