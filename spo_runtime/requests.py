@@ -17,7 +17,7 @@ from spo_runtime.imaging import decode_image
 from spo_runtime.limits import (ADAPTER_NAME, ADAPTER_NAME_RULE, DEFAULT_STRENGTH, GUIDANCE_RANGE, LORA_SCALE_RANGE,
                                 MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, MAX_SEED, SIZE_RANGE, STEPS_RANGE)
 from spo_runtime.sampling.sampler import SCHEDULERS, SamplerRow
-from spo_runtime.validation import validation_error
+from spo_runtime.validation import allowed, invalid, validation_error
 
 # Prompt text: anything but control characters (tab, newline and carriage return are allowed). NUL would
 # end the PNG `parameters` chunk's keyword; the others have no meaning in a prompt. Refused, not escaped.
@@ -120,14 +120,27 @@ class GenerationRequest(BaseModel):
 
     @classmethod
     def parse(cls, data: Any, size_range: tuple[int, int] | None = None) -> GenerationRequest:
-        """Validate `data` (a dict or a request); raise InvalidRequestError naming every bad field."""
+        """Validate `data` (a dict); raise InvalidRequestError naming every bad field. A request is parsed
+        once: one given here is already valid, so it comes back as is (its image not copied) once its sizes
+        are checked against `size_range`, the one bound a preset narrows."""
         if isinstance(data, GenerationRequest):
-            data = data.model_dump(exclude_unset=True)
+            if size_range:
+                data.check_sizes(*size_range)
+            return data
         model = cls.for_sizes(*size_range) if size_range else cls
         try:
             return model.model_validate(data)
         except ValidationError as e:
             raise validation_error(e, model) from None
+
+    def check_sizes(self, lo: int, hi: int) -> None:
+        """Raise the InvalidRequestError that validating this request against `for_sizes(lo, hi)` would
+        raise for its width and height (the rest of it is valid already)."""
+        model = GenerationRequest.for_sizes(lo, hi)
+        problems = [(name, f"must be {allowed(model, name)}, got {v!r}") for name in ("width", "height")
+                    if (v := getattr(self, name)) is not None and not lo <= v <= hi]
+        if problems:
+            raise invalid(problems)
 
 
 @dataclass

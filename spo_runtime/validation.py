@@ -89,6 +89,11 @@ def validation_error(e: ValidationError, model: type[BaseModel] | None = None) -
         else:
             msg = err["msg"].removeprefix("Value error, ")
         problems.append((loc, msg))
+    return invalid(problems)
+
+
+def invalid(problems: list[tuple[str, str]]) -> InvalidRequestError:
+    """(field, message) pairs -> one InvalidRequestError naming the first field, every problem in `.errors`."""
     first, rest = problems[0], problems[1:]
     out = InvalidRequestError(first[0], first[1] + "".join(f"; {f}: {m}" for f, m in rest))
     out.errors = problems

@@ -55,6 +55,35 @@ def test_missing_prompt_and_several_errors():
     assert "field required" in str(e.value)
 
 
+@pytest.mark.parametrize("size_range,sizes", [((32, 256), {"width": 512}), ((32, 256), {"height": 264}),
+                                              ((32, 256), {"width": 1024, "height": 2048}),
+                                              ((64, 256), {"width": 32, "height": 40})])
+def test_a_parsed_request_gets_the_size_error_a_dict_gets(size_range, sizes):
+    """A parsed request is not validated again: only its sizes, against a preset's narrower range, with the
+    error the size-bounded model gives the same fields as a dict, byte for byte."""
+    body = {"prompt": "a cat", **sizes}
+    req = GenerationRequest.parse(body)  # the widest range
+    with pytest.raises(InvalidRequestError) as from_dict:
+        GenerationRequest.parse(body, size_range=size_range)
+    with pytest.raises(InvalidRequestError) as from_request:
+        GenerationRequest.parse(req, size_range=size_range)
+    got, want = from_request.value, from_dict.value
+    assert str(got) == str(want) and (got.field, got.message, got.errors) == (want.field, want.message, want.errors)
+    assert got.field == next(iter(sizes)) and f"{size_range[0]}..{size_range[1]}" in str(got)
+    assert GenerationRequest.parse(req, size_range=(32, 2048)) is req and GenerationRequest.parse(req) is req
+
+
+def test_a_request_is_parsed_once(pipe):
+    """What the engine's submit parsed passes the pipeline's parse and prepare as the same object."""
+    req = pipe.parse(dict(prompt="a cat", seed=3, num_inference_steps=2, width=64))
+    assert pipe.parse(req) is req
+    [state] = pipe.prepare([req])
+    assert state.request is req and state.width == 64
+    with pytest.raises(InvalidRequestError) as e:
+        pipe.parse(GenerationRequest(prompt="a cat", width=512))  # valid in general, not for the tiny preset
+    assert str(e.value) == "width: must be a multiple of 8 in 32..256, got 512"
+
+
 def test_seed_drawn_and_reported_and_reproducible(pipe):
     a = pipe.generate([dict(prompt="a cat", num_inference_steps=3)])[0]
     assert 0 <= a.seed <= 2**32 - 1

@@ -141,11 +141,14 @@ class SpoPipeline:
     # -- requests ----------------------------------------------------------------------------
 
     def parse(self, request: GenerationRequest | dict) -> GenerationRequest:
+        """`request` valid for this preset: a dict is validated once; a `GenerationRequest` is already
+        valid, so only its sizes are checked against the preset's range and it is returned as is."""
         return GenerationRequest.parse(request, size_range=self.preset.size_range)
 
     def prepare(self, requests: list[GenerationRequest | dict]) -> list[ActiveRequest]:
-        """Validate, resolve defaults (seed, size, adapter, scale), encode prompts (one batched call
-        for the uncached ones) and draw each request's initial noise from its own generator."""
+        """Validate (dicts; parsed requests pass as they are), resolve defaults (seed, size, adapter, scale),
+        encode prompts (one batched call for the uncached ones) and draw each request's initial noise from
+        its own generator."""
         states = []
         for raw in requests:
             req = self.parse(raw)
