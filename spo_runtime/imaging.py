@@ -37,7 +37,10 @@ def decode_image(v: Any) -> Image.Image:
     if w * h > MAX_IMAGE_PIXELS:
         raise ValueError(f"must have at most {MAX_IMAGE_PIXELS:,} pixels, got {w}x{h}")
     try:
-        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+        if img.mode != "RGB":
+            return img.convert("RGB")
+        img.load()  # decoded here, so damaged data is this field's error; not copied: fresh, or the caller's own
+        return img
     except Exception:
         raise ValueError("must be base64 of a PNG, JPEG or WebP image (the image data is damaged)") from None
 

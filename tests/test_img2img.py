@@ -13,7 +13,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
 from conftest import max_pixel_diff
-from spo_runtime import InvalidRequestError
+from spo_runtime import GenerationRequest, InvalidRequestError
 from spo_runtime.sampling.sampler import img2img_start
 from test_oracle import SCHEDULERS
 
@@ -109,6 +109,17 @@ def test_image_sizes_the_preset_does_not_allow(pipe):
     Image.new("RGB", (8, 8)).save(gif, format="GIF")
     with pytest.raises(InvalidRequestError, match="init_image"):
         pipe.prepare([dict(prompt="a", init_image=base64.b64encode(gif.getvalue()).decode())])
+
+
+def test_the_init_image_is_decoded_once_and_never_copied(pipe, init_image):
+    """A decoded image is fresh and a library caller's PIL image is used as given: the request and the row keep
+    that very object through parse and prepare (no copy of up to MAX_IMAGE_PIXELS per pass)."""
+    assert GenerationRequest(prompt="a fox", init_image=init_image).init_image is init_image
+    req = pipe.parse(dict(prompt="a fox", seed=2, num_inference_steps=4, init_image=b64(init_image)))
+    decoded = req.init_image
+    assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), np.asarray(init_image))
+    [state] = pipe.prepare([req])
+    assert state.request is req and state.request.init_image is decoded
 
 
 def test_the_latent_scaling_pair_is_diffusers_and_inverts():
