@@ -1,4 +1,4 @@
-"""The door middleware (service.errors.Contract) on a small Starlette app, in process: body limits, media
+"""The door middleware (service.door.Contract) on a small Starlette app, in process: body limits, media
 types, schema validation before the app runs, error reshaping, and the OpenAPI additions."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service.errors import Contract
+from service.door import Contract
 from service.schemas import _openapi30
 
 
