@@ -128,7 +128,7 @@ def parse(body: dict, svc, form: bool = False) -> dict:
         raise InvalidRequestError("response_format", f"must be 'b64_json' or 'url', got {fmt!r}")
     out = body.get("output_format") or "png"
     if out not in FORMATS:
-        raise InvalidRequestError("output_format", f"must be one of png, jpeg, webp, got {out!r}")
+        raise InvalidRequestError("output_format", f"must be one of {', '.join(FORMATS)}, got {out!r}")
     quality = 100 if body.get("output_compression") in (None, "") else \
         _int("output_compression", body["output_compression"], 0, 100, form)
     seed = None if body.get("seed") in (None, "") else _int("seed", body["seed"], 0, MAX_SEED, form)

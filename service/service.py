@@ -114,7 +114,7 @@ class SPOService:
             if self.pipe.compiled:  # each batch bucket's fused and residual-LoRA graphs (cached under SPO_DATA_DIR)
                 warm = self.engine.call(self.pipe.warm_up).result()
                 log.info("compiled graphs warm in %.1fs (%s)", warm["total_s"], self.pipe.compile_why)
-            self.engine.generate_sync([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2}])
+            self.engine.generate_sync([self.pipe.parse({"prompt": "warm-up", "seed": 0, "num_inference_steps": 2})])
             log.info("warm-up image in %.2fs; ready", time.perf_counter() - t0)
             self.ready = True
         except Exception as e:  # keep the process up and say why on /livez and /readyz
