@@ -46,7 +46,8 @@ from locust.runners import WorkerRunner
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository root: the request schema is the server's own
-from service.schemas import MAX_N, generation_bodies  # noqa: E402
+from service.schemas import generation_bodies  # noqa: E402
+from spo_runtime.limits import MAX_IMAGES  # noqa: E402
 from spo_runtime.requests import MAX_SEED, SIZE_RANGE, GenerationRequest  # noqa: E402
 
 log = logging.getLogger("spo_load")
@@ -201,7 +202,7 @@ class SPOUser(HttpUser):
         o, rng = self.o, self.rng
         body = {
             "prompt": rng.choice(self.prompts),
-            "seed": rng.randrange(0, MAX_SEED - MAX_N + 2),  # leaves room for /generate_batch's seed..seed+n-1
+            "seed": rng.randrange(0, MAX_SEED - MAX_IMAGES + 2),  # leaves room for /generate_batch's seed..seed+n-1
             "num_inference_steps": rng.choice(self.steps),
             "scheduler": rng.choice(self.schedulers),
             "guidance_scale": rng.choice(self.guidance),

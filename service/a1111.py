@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import time
@@ -25,8 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import errors
-from service.openai_api import credentials_ok, not_ready, run, service
+from service import context
+from service.context import Shape, guarded
+from service.errors import foreign_shape
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.limits import MAX_IMAGES, MAX_SEED
 
@@ -49,13 +49,18 @@ def a1_error(status: int, message: str, field: str | None = None, headers=None) 
 # our request model's names -> the A1111 field a client sent (a <lora:...> tag lives in the prompt)
 FIELDS = {"guidance_scale": "cfg_scale", "num_inference_steps": "steps", "strength": "denoising_strength",
           "init_image": "init_images", "lora_scale": "prompt", "adapter": "prompt"}
-from_exception = errors.foreign_shape(
+# every error under /sdapi/ in A1111's shape, the framework's included (the app hands this to the door)
+ERRORS = foreign_shape(
     "/sdapi/", a1_error, lambda d: {"error", "detail", "errors"} <= set(d) and isinstance(d["detail"], str), FIELDS)
 
 
 def unauthorized() -> JSONResponse:
     return JSONResponse({"detail": "Incorrect username or password"}, status_code=401,
                         headers={"WWW-Authenticate": "Basic"})
+
+
+# SPO_API_TOKEN as HTTP Basic's password (or Bearer); not ready: 503 with Retry-After 5, as always here
+GUARD = Shape(unauthorized=unauthorized, error=ERRORS.from_exception, basic=True, retry_after=5)
 
 
 # -- the request ------------------------------------------------------------------------------------
@@ -257,88 +262,69 @@ def infotext(parsed: dict, r, svc) -> str:
 
 
 def _png(image, text: str) -> str:
-    from PIL.PngImagePlugin import PngInfo
+    from spo_runtime.imaging import encode_png
 
-    info = PngInfo()
-    info.add_text("parameters", text)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(encode_png(image, text)).decode()
 
 
-async def _generate(request: Request, img2img: bool) -> Response:
-    svc = service()
-    if svc is not None and not credentials_ok(request.headers, svc, basic=True):
-        return unauthorized()
+async def _generate(svc, request: Request, img2img: bool) -> Response:
+    raw = await request.body()
     try:
-        reason = not_ready(svc)
-        if reason is not None:
-            raise reason
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as e:
-            raise InvalidRequestError("body", f"must be JSON ({e})") from None
-        parsed = await anyio.to_thread.run_sync(parse, body, svc, img2img)
-        base = parsed["request"]
-        inits = parsed["inits"]
-        requests = [{**base, **({"init_image": inits[i % len(inits)]} if inits else {})} for i in range(parsed["n"])]
-        t0 = time.time()
-        results = await run(svc, request, requests, parsed["seed"])
-        texts = [infotext(parsed, r, svc) for r in results]
-        images = [] if body.get("send_images") is False else \
-            await anyio.to_thread.run_sync(lambda: [_png(r.image, t) for r, t in zip(results, texts)])
-        if img2img and body.get("include_init_images") and images:
-            images += [v.split(",", 1)[1] if v.startswith("data:") else v for v in body["init_images"]]
-        r0 = results[0]
-        info = {
-            "prompt": parsed["prompt"], "all_prompts": [parsed["prompt"]] * len(results),
-            "negative_prompt": parsed["negative"], "all_negative_prompts": [parsed["negative"]] * len(results),
-            "seed": r0.seed, "all_seeds": [r.seed for r in results], "subseed": r0.seed,
-            "all_subseeds": [r.seed for r in results], "subseed_strength": 0,
-            "width": r0.image.width, "height": r0.image.height, "sampler_name": A1111_NAMES[r0.request.scheduler],
-            "cfg_scale": r0.request.guidance_scale, "steps": r0.request.num_inference_steps,
-            "batch_size": parsed["batch"], "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": _model_name(svc), "sd_model_hash": _model_hash(svc), "sd_vae_name": None, "sd_vae_hash": None,
-            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": r0.request.img2img_strength if img2img else None,
-            "extra_generation_params": ({"Lora hashes": f"{r0.adapter}: {(r0.adapter_sha256 or '')[:12]}"}
-                                        if r0.adapter and r0.lora_scale else {}),
-            "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime(
-                "%Y%m%d%H%M%S", time.localtime(t0)), "clip_skip": 1, "is_using_inpainting_conditioning": False,
-            "version": "spo-serve", "lora": {"adapter": r0.adapter, "scale": r0.lora_scale},
-        }
-        params = {**body, **({"init_images": None, "mask": None} if img2img else {})}
-        return JSONResponse({"images": images, "parameters": params, "info": json.dumps(info)})
-    except Exception as e:
-        return from_exception(e)
+        body = json.loads(raw or b"{}")
+    except ValueError as e:
+        raise InvalidRequestError("body", f"must be JSON ({e})") from None
+    parsed = await anyio.to_thread.run_sync(parse, body, svc, img2img)
+    base = parsed["request"]
+    fields = [{**base, "init_image": im} for im in parsed["inits"]] or [base]  # image i % len(inits) for image i
+    t0 = time.time()
+    results = await context.run(svc, request, fields, parsed["n"], parsed["seed"])
+    texts = [infotext(parsed, r, svc) for r in results]
+    images = [] if body.get("send_images") is False else \
+        await anyio.to_thread.run_sync(lambda: [_png(r.image, t) for r, t in zip(results, texts)])
+    if img2img and body.get("include_init_images") and images:
+        images += [v.split(",", 1)[1] if v.startswith("data:") else v for v in body["init_images"]]
+    r0 = results[0]
+    info = {
+        "prompt": parsed["prompt"], "all_prompts": [parsed["prompt"]] * len(results),
+        "negative_prompt": parsed["negative"], "all_negative_prompts": [parsed["negative"]] * len(results),
+        "seed": r0.seed, "all_seeds": [r.seed for r in results], "subseed": r0.seed,
+        "all_subseeds": [r.seed for r in results], "subseed_strength": 0,
+        "width": r0.image.width, "height": r0.image.height, "sampler_name": A1111_NAMES[r0.request.scheduler],
+        "cfg_scale": r0.request.guidance_scale, "steps": r0.request.num_inference_steps,
+        "batch_size": parsed["batch"], "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": _model_name(svc), "sd_model_hash": _model_hash(svc), "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": r0.request.img2img_strength if img2img else None,
+        "extra_generation_params": ({"Lora hashes": f"{r0.adapter}: {(r0.adapter_sha256 or '')[:12]}"}
+                                    if r0.adapter and r0.lora_scale else {}),
+        "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": time.strftime(
+            "%Y%m%d%H%M%S", time.localtime(t0)), "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "version": "spo-serve", "lora": {"adapter": r0.adapter, "scale": r0.lora_scale},
+    }
+    params = {**body, **({"init_images": None, "mask": None} if img2img else {})}
+    return JSONResponse({"images": images, "parameters": params, "info": json.dumps(info)})
 
 
-async def txt2img(request: Request) -> Response:
-    return await _generate(request, img2img=False)
+@guarded(GUARD)
+async def txt2img(svc, request: Request) -> Response:
+    return await _generate(svc, request, img2img=False)
 
 
-async def img2img(request: Request) -> Response:
-    return await _generate(request, img2img=True)
+@guarded(GUARD)
+async def img2img(svc, request: Request) -> Response:
+    return await _generate(svc, request, img2img=True)
 
 
 # -- the read-only routes --------------------------------------------------------------------------
 
 
-def _read(handler):
-    async def wrapped(request: Request) -> Response:
-        svc = service()
-        if svc is not None and not credentials_ok(request.headers, svc, basic=True):
-            return unauthorized()
-        try:
-            reason = not_ready(svc) if handler is not progress else None
-            if reason is not None:
-                raise reason
-            return JSONResponse(await handler(svc, request))
-        except Exception as e:
-            return from_exception(e)
+def _read(handler, ready: bool = True):
+    """A read-only route: `handler(svc, request)`'s value as JSON, guarded as the generation routes."""
 
-    return wrapped
+    async def answer(svc, request: Request) -> Response:
+        return JSONResponse(await handler(svc, request))
+
+    return guarded(GUARD, ready)(answer)
 
 
 def options_dict(svc) -> dict:
@@ -409,13 +395,10 @@ async def progress(svc, request):
 
 
 async def interrupt(request: Request) -> Response:
-    from service.auth import admin_denied
-
-    svc = service()
+    svc = context.bound()
     if svc is None or svc.engine is None:
         return a1_error(503, "the server is starting", headers={"Retry-After": "5"})
-    denied = admin_denied(request, svc.admin_token)
-    if denied is not None:
+    if not context.credentials_ok(svc, request.headers, admin=True):
         return JSONResponse({"detail": "interrupt needs the admin token (Authorization: Bearer <SPO_ADMIN_TOKEN>)"},
                             status_code=401, headers={"WWW-Authenticate": "Bearer"})
     o = _oldest(svc.engine)
@@ -433,6 +416,6 @@ ROUTES = [
     Route("/sdapi/v1/loras", _read(loras), methods=["GET"]),
     Route("/sdapi/v1/options", _read(options), methods=["GET"]),
     Route("/sdapi/v1/scripts", _read(scripts), methods=["GET"]),
-    Route("/sdapi/v1/progress", _read(progress), methods=["GET"]),
+    Route("/sdapi/v1/progress", _read(progress, ready=False), methods=["GET"]),  # idle while loading
     Route("/sdapi/v1/interrupt", interrupt, methods=["POST"]),
 ]

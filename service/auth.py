@@ -5,13 +5,13 @@
   mode 0600, the token alone on one line) and later starts reuse. No client is trusted for being on
   loopback: behind a proxy or a sidecar every client is.
 - Generation routes: when SPO_API_TOKEN is set, `Authorization: Bearer <api token>` (the admin token is
-  accepted too). /livez, /readyz, /metrics, /docs.json and /info stay open.
+  accepted too); the A1111 routes also take HTTP Basic with the token as the password. /livez, /readyz,
+  /metrics, /docs.json and /info stay open. The rule itself is `service.context.credentials_ok`.
 Tokens never appear in logs or responses: the log names the file, not its content.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import secrets
@@ -58,19 +58,16 @@ def admin_token(token: str | None, data_dir: Path) -> str:
     return value
 
 
-def bearer_ok(header: str | None, *tokens: str | None) -> bool:
-    """Constant-time check of 'Bearer <token>' against any of `tokens` (None entries ignored)."""
-    got = (header or "").encode()
-    return any(t and hmac.compare_digest(got, b"Bearer " + t.encode()) for t in tokens)
-
-
 def denied(field: str, what: str) -> JSONResponse:
     return error_response(401, f"authorization: a valid 'Authorization: Bearer <{what}>' header is required", field,
                           headers={"WWW-Authenticate": "Bearer"}, kind="unauthorized")
 
 
-def admin_denied(request, token: str) -> JSONResponse | None:
-    """None when the caller holds the admin token, else the 401 to answer."""
-    if bearer_ok(request.headers.get("authorization"), token):
-        return None
+def admin_unauthorized() -> JSONResponse:
+    """The 401 of an admin or training route."""
     return denied("authorization", "admin token (SPO_ADMIN_TOKEN or SPO_DATA_DIR/admin_token)")
+
+
+def api_unauthorized() -> JSONResponse:
+    """The 401 of a generation route (ours: /generate, /generate_batch, /generate/stream)."""
+    return denied("authorization", "SPO_API_TOKEN")

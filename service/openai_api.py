@@ -18,10 +18,7 @@ the framework's included (a hook of the door middleware). With SPO_API_TOKEN set
 from __future__ import annotations
 
 import base64
-import binascii
-import hmac
 import json
-import logging
 import re
 import secrets
 import time
@@ -32,84 +29,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import errors
+from service import context
+from service.context import Shape, guarded
+from service.errors import foreign_shape
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.fsutil import atomic_write
 from spo_runtime.imaging import FORMATS
 from spo_runtime.limits import DEFAULT_STRENGTH, MAX_IMAGES, MAX_SEED
 
-log = logging.getLogger("spo_serve")
-access = logging.getLogger("spo_serve.access")  # one JSON line per request, as /generate's
-MAX_N = MAX_IMAGES
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-# -- shared by the compatibility routes (OpenAI, A1111) ----------------------------------------
-
-
-def service():
-    from service import admin
-
-    return admin.bound()
-
-
-def credentials_ok(headers, svc, basic: bool = False) -> bool:
-    """SPO_API_TOKEN's rule of the generation routes: unset lets everyone in; set, `Bearer <token>` (api or
-    admin token), or with `basic` HTTP Basic with the token as the password (any user name)."""
-    if not svc.api_token:
-        return True
-    header = headers.get("authorization", "")
-    tokens = [t for t in (svc.api_token, svc.admin_token) if t]
-    if any(hmac.compare_digest(header.encode(), b"Bearer " + t.encode()) for t in tokens):
-        return True
-    if basic and header[:6].lower() == "basic ":
-        try:
-            user_pass = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            return False
-        password = user_pass.partition(":")[2]
-        return any(hmac.compare_digest(password.encode(), t.encode()) for t in tokens)
-    return False
-
-
-def not_ready(svc) -> Exception | None:
-    """The reason the server cannot take a generation request now (as a typed error), or None."""
-    from spo_runtime.errors import EngineUnavailableError
-
-    if svc is None:
-        return EngineUnavailableError("the server is starting", retry_after=5)
-    if not svc.__is_ready__() or svc.engine is None or not svc.engine.alive:
-        body = json.loads(svc.unready().body)
-        return EngineUnavailableError(body["error"], retry_after=5)
-    return None
-
-
-async def run(svc, request: Request, requests: list[dict], seed: int | None):
-    """n requests of one prompt through the engine, seeds seed..seed+n-1 (drawn when None), like /generate_batch."""
-    n = len(requests)
-    if seed is None:
-        seed = secrets.randbelow(MAX_SEED - n + 2)
-    elif not 0 <= seed <= MAX_SEED - n + 1:
-        raise InvalidRequestError("seed", f"with n={n} must be in 0..{MAX_SEED - n + 1}, got {seed}")
-    svc.inflight += 1
-    t0, status, results = time.perf_counter(), 200, None
-    try:
-        results = await svc.engine.generate([{**r, "seed": seed + i} for i, r in enumerate(requests)],
-                                            is_disconnected=request.is_disconnected)
-        return results
-    except Exception as e:
-        status = errors.map_error(e).status_code
-        raise
-    finally:
-        svc.inflight -= 1
-        rec = {"route": request.url.path, "status": status, "ms": round((time.perf_counter() - t0) * 1e3, 1), "n": n,
-               "prompt_len": len(requests[0].get("prompt") or "")}
-        if svc.settings.log_prompts:
-            rec["prompt"] = requests[0].get("prompt")
-        if results:
-            rec.update({k: round(results[0].timings.get(k, 0.0), 1) for k in ("queue_ms", "denoise_ms", "decode_ms")},
-                       seeds=[r.seed for r in results])
-        access.info(json.dumps(rec))
 
 
 def size_range(svc) -> tuple[int, int, int]:
@@ -133,7 +61,8 @@ def oa_error(status: int, message: str, param: str | None = None, code: str | No
 
 
 FIELDS = {"width": "size", "height": "size", "init_image": "image"}  # our request model's names -> OpenAI's
-from_exception = errors.foreign_shape(
+# every error under /v1/ in OpenAI's shape, the framework's included (the app hands this to the door)
+ERRORS = foreign_shape(
     "/v1/", lambda status, message, param, headers: oa_error(status, message, param, headers=headers),
     lambda d: isinstance(d.get("error"), dict) and "message" in d["error"], FIELDS)
 
@@ -141,6 +70,10 @@ from_exception = errors.foreign_shape(
 def unauthorized() -> JSONResponse:
     return oa_error(401, "Incorrect API key provided: send SPO_API_TOKEN as the API key "
                          "(Authorization: Bearer <key>)", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
+# SPO_API_TOKEN as the API key; not ready: 503 with Retry-After 5, as these routes have always answered
+GUARD = Shape(unauthorized=unauthorized, error=ERRORS.from_exception, retry_after=5)
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -179,7 +112,7 @@ def parse(body: dict, svc, form: bool = False) -> dict:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequestError("prompt", "a non-empty string is required")
-    n = 1 if body.get("n") in (None, "") else _int("n", body["n"], 1, MAX_N, form)
+    n = 1 if body.get("n") in (None, "") else _int("n", body["n"], 1, MAX_IMAGES, form)
     lo, hi, default = size_range(svc)
     size = body.get("size")
     request: dict = {"prompt": prompt}
@@ -195,7 +128,7 @@ def parse(body: dict, svc, form: bool = False) -> dict:
         raise InvalidRequestError("response_format", f"must be 'b64_json' or 'url', got {fmt!r}")
     out = body.get("output_format") or "png"
     if out not in FORMATS:
-        raise InvalidRequestError("output_format", f"must be one of png, jpeg, webp, got {out!r}")
+        raise InvalidRequestError("output_format", f"must be one of {', '.join(FORMATS)}, got {out!r}")
     quality = 100 if body.get("output_compression") in (None, "") else \
         _int("output_compression", body["output_compression"], 0, 100, form)
     seed = None if body.get("seed") in (None, "") else _int("seed", body["seed"], 0, MAX_SEED, form)
@@ -252,7 +185,7 @@ def public_base(svc, request: Request) -> str:
 
 
 async def image_file(request: Request) -> Response:
-    svc = service()
+    svc = context.bound()
     file_id = request.path_params["file_id"]
     if svc is None or not FILE_ID.match(file_id):
         return oa_error(404, "No such image (the id is unknown or expired)", "id")
@@ -277,10 +210,10 @@ async def image_file(request: Request) -> Response:
 # -- the routes --------------------------------------------------------------------------------------
 
 
-async def _answer(svc, request: Request, opts: dict, requests: list[dict]) -> Response:
+async def _answer(svc, request: Request, opts: dict, fields: dict) -> Response:
     from spo_runtime.imaging import encode_image
 
-    results = await run(svc, request, requests, opts["seed"])
+    results = await context.run(svc, request, [fields], opts["n"], opts["seed"])
     encoded = await anyio.to_thread.run_sync(lambda: [encode_image(r, opts["format"], opts["quality"]) for r in results])
     data = []
     for r, blob in zip(results, encoded):
@@ -295,23 +228,7 @@ async def _answer(svc, request: Request, opts: dict, requests: list[dict]) -> Re
                         headers={"X-Seed": str(results[0].seed), "X-Adapter": results[0].adapter or ""})
 
 
-def _guarded(handler):
-    async def wrapped(request: Request) -> Response:
-        svc = service()
-        if svc is not None and not credentials_ok(request.headers, svc):
-            return unauthorized()
-        try:
-            reason = not_ready(svc)
-            if reason is not None:
-                raise reason
-            return await handler(svc, request)
-        except Exception as e:
-            return from_exception(e)
-
-    return wrapped
-
-
-@_guarded
+@guarded(GUARD)
 async def generations(svc, request: Request) -> Response:
     raw = await request.body()
     try:
@@ -321,14 +238,14 @@ async def generations(svc, request: Request) -> Response:
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
     opts = parse(body, svc)
-    return await _answer(svc, request, opts, [opts["request"]] * opts["n"])
+    return await _answer(svc, request, opts, opts["request"])
 
 
-@_guarded
+@guarded(GUARD)
 async def edits(svc, request: Request) -> Response:
     from PIL import Image
 
-    from spo_runtime.imaging import decode_image
+    from spo_runtime.imaging import image_from_bytes
 
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "multipart/form-data":
@@ -357,19 +274,16 @@ async def edits(svc, request: Request) -> Response:
 
     def decode():
         try:
-            return decode_image(base64.b64encode(data).decode())
+            return image_from_bytes(data)  # the uploaded file's bytes, decoded once
         except ValueError as e:
-            raise InvalidRequestError("image", str(e).replace("base64 of ", "")) from None
+            raise InvalidRequestError("image", str(e)) from None
 
     init: Image.Image = await anyio.to_thread.run_sync(decode)
-    request_fields = {**opts["request"], "init_image": init, "strength": strength}
-    return await _answer(svc, request, opts, [request_fields] * opts["n"])
+    return await _answer(svc, request, opts, {**opts["request"], "init_image": init, "strength": strength})
 
 
-async def models(request: Request) -> Response:
-    svc = service()
-    if svc is not None and not credentials_ok(request.headers, svc):
-        return unauthorized()
+@guarded(GUARD, ready=False)
+async def models(svc, request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [_model(svc)]})
 
 

@@ -3,14 +3,16 @@ bodies, the batch response and the error body, and what /docs.json declares for 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from spo_runtime.limits import LORA_SCALE_RANGE, MAX_IMAGES, MAX_SEED
+from spo_runtime.errors import InvalidRequestError
+from spo_runtime.imaging import FORMATS
+from spo_runtime.limits import ADAPTER_NAME, ADAPTER_NAME_RULE, LORA_SCALE_RANGE, MAX_IMAGES, MAX_SEED
 from spo_runtime.requests import GenerationRequest
 
-MAX_N = MAX_IMAGES
+Format = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 
 
 class OutputFields(BaseModel):
@@ -18,16 +20,25 @@ class OutputFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the image(s).")
+    format: Format = Field("png", description="Encoding of the image(s).")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality, 1..100 (ignored for PNG).")
     timeout_s: float | None = Field(
         None, gt=0, le=3600, allow_inf_nan=False,
         description="Deadline in seconds, (0, 3600], capped by SPO_REQUEST_TIMEOUT_S; past it the answer is 504.")
 
 
-def generation_bodies(size_range: tuple[int, int]) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
+class Bodies(NamedTuple):
+    """The generation bodies of one size range (the served preset's)."""
+
+    generate: type[BaseModel]
+    batch: type[BaseModel]
+    stream: type[BaseModel]
+
+
+def generation_bodies(size_range: tuple[int, int]) -> Bodies:
     """(/generate's body, /generate_batch's, /generate/stream's) for a preset's size range: the request model
-    plus the output fields; the batch body adds `n`, the stream body `preview`."""
+    plus the output fields; the batch body adds `n`, the stream body `preview`. Each knows its request
+    model (`request_model`), which `core_request` builds."""
     request = GenerationRequest.for_sizes(*size_range)
     fields = {name: (f.annotation, f) for name, f in OutputFields.model_fields.items()}
     single = create_model("GenerateBody", __base__=request, __module__=__name__, __doc__="Body of POST /generate.",
@@ -37,13 +48,28 @@ def generation_bodies(size_range: tuple[int, int]) -> tuple[type[BaseModel], typ
         __doc__=f"Body of POST /generate_batch: n images of one prompt with seeds seed..seed+n-1 "
                 f"(seed + n - 1 must stay <= {MAX_SEED}: a 400 naming `seed`).",
         __validators__={"_seed_room": model_validator(mode="after")(_seed_room)},
-        n=(int, Field(1, ge=1, le=MAX_N, description=f"Images, 1..{MAX_N}.")))
+        n=(int, Field(1, ge=1, le=MAX_IMAGES, description=f"Images, 1..{MAX_IMAGES}.")))
     stream = create_model(
         "GenerateStreamBody", __base__=single, __module__=__name__,
         __doc__="Body of POST /generate/stream: /generate's, answered as Server-Sent Events.",
         preview=(bool, Field(False, description="Each `step` event carries a small PNG of the latent (a fixed "
                                                 "linear latent-to-RGB map, no VAE call).")))
-    return single, batch, stream
+    single.request_model = request  # inherited by the batch and stream bodies
+    return Bodies(single, batch, stream)
+
+
+def _as_sent(cls, v: Any) -> Any:
+    if v is not None and not isinstance(v, str):
+        raise ValueError(f"must be a base64 string (PNG, JPEG or WebP), got {type(v).__name__}")
+    return v
+
+
+def framework_spec(body: type[BaseModel]) -> type[BaseModel]:
+    """`body` as BentoML's `input_spec`: the same fields, bounds and JSON schema, but init_image stays the
+    string it arrives as. The door has validated the body and decoded the image once; the route takes the
+    door's parsed body, so the framework's own validation must not decode it a second time."""
+    return create_model(body.__name__, __base__=body, __module__=body.__module__, __doc__=body.__doc__,
+                        __validators__={"_init_image": field_validator("init_image", mode="plain")(_as_sent)})
 
 
 def result_fields(rid: str, r) -> dict:
@@ -83,6 +109,20 @@ def request_dict(body: BaseModel) -> dict:
     or `preview`), unset optionals dropped (an absent negative prompt stays None: SDXL's zero embedding)."""
     out = body.model_dump(include=set(GenerationRequest.model_fields))
     return {k: v for k, v in out.items() if v is not None or k == "negative_prompt"}
+
+
+def core_request(body: BaseModel) -> GenerationRequest:
+    """The GenerationRequest of a validated generation body, without validating again (the body's class is
+    the request model plus output fields, so its values are the request's): the engine takes it as is."""
+    fields = request_dict(body)
+    return type(body).request_model.model_construct(_fields_set=set(fields), **fields)
+
+
+def check_adapter_name(field: str, name: str) -> str:
+    """An adapter name a route will write under SPO_ADAPTER_DIR or the admin state: InvalidRequestError otherwise."""
+    if not ADAPTER_NAME.match(name):
+        raise InvalidRequestError(field, f"must be {ADAPTER_NAME_RULE}")
+    return name
 
 
 # -- admin and training bodies ---------------------------------------------------------------
@@ -140,7 +180,7 @@ class ErrorBody(BaseModel):
 
 class BatchImage(BaseModel):
     seed: int
-    format: Literal["png", "jpeg", "webp"]
+    format: Format
     image: str = Field(description="base64 of the encoded image")
 
 

@@ -1,46 +1,40 @@
 """spo-serve's BentoML service: `bentoml serve service.service:SPOService`.
 
-Thin by design: settings are read once here, the HTTP contract lives in `schemas` (bodies, declared
-responses) and `errors` (the error body, typed-error mapping, the door-keeping middleware), admin and
-training routes in `admin`, auth in `auth`; the work is `spo_runtime`'s. The model loads in a background
-thread so /livez answers at once; /readyz turns 200 after one warm-up image.
+Thin by design: this file holds start-up, the SIGTERM drain, /generate and /generate_batch, and mounts the
+route table (`app`: /generate/stream, /info, /admin/*, /train/*, the OpenAI and A1111 routes) behind the
+door (`door.Contract`: body limits, media types, the request schema, error shapes). The HTTP bodies are
+in `schemas`, the error mapping in `errors`, what the routes share in `context`; the work is
+`spo_runtime`'s. The model loads in a background thread so /livez answers at once; /readyz turns 200
+after one warm-up image.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-import uuid
 
 import anyio
 import bentoml
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
-from service import admin, workers
-from service.auth import admin_token, bearer_ok
-from service.errors import Contract, error_body, error_response, map_error
-from spo_runtime.imaging import FORMATS
-from service.schemas import (BatchResponse, declare_responses, generation_bodies, request_dict,
+from service import context, door, workers
+from service.app import ERROR_SHAPES, app
+from service.auth import admin_token, api_unauthorized
+from service.errors import map_error
+from service.schemas import (BatchResponse, core_request, declare_responses, framework_spec, generation_bodies,
                              result_headers)
 from spo_runtime.errors import ConfigError
+from spo_runtime.imaging import FORMATS, encode_image
 from spo_runtime.settings import Settings
 
 log = logging.getLogger("spo_serve")
-access = logging.getLogger("spo_serve.access")
-if not log.handlers:  # BentoML configures its own loggers only; ours write lines to stderr
-    _h = logging.StreamHandler()
-    _h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(_h)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 def _settings() -> Settings:
@@ -64,8 +58,12 @@ def _size_range(settings: Settings) -> tuple[int, int]:
         return SIZE_RANGE
 
 
+# What BentoML needs when it imports this module: the worker count (the decorator's `workers=`) and the
+# request bodies (the `input_spec`s, which /docs.json publishes with the served preset's size range). So
+# SPO_* is read, and the default preset resolved (CUDA probed for SPO_MODEL=auto), here; the rest
+# (logging, tokens, the model) happens at start, in SPOService.__init__.
 SETTINGS = _settings()
-GenerateBody, GenerateBatchBody, GenerateStreamBody = generation_bodies(_size_range(SETTINGS))
+BODIES = generation_bodies(_size_range(SETTINGS))
 
 
 @bentoml.service(
@@ -75,7 +73,9 @@ GenerateBody, GenerateBatchBody, GenerateStreamBody = generation_bodies(_size_ra
 )
 class SPOService:
     def __init__(self) -> None:
+        context.configure_logging()
         self.settings = SETTINGS
+        self.bodies = BODIES
         self.ready = False
         self.draining: float | None = None  # monotonic time of SIGTERM
         self.inflight = 0  # generation requests between the door and their last byte
@@ -84,7 +84,7 @@ class SPOService:
         self.started = time.time()
         self.admin_token = admin_token(SETTINGS.token("admin_token"), SETTINGS.data_dir)
         self.api_token = SETTINGS.token("api_token")
-        admin.bind(self)
+        context.bind(self)
         self._install_drain()
         threading.Thread(target=self._load, name="spo-load", daemon=True).start()
 
@@ -114,7 +114,7 @@ class SPOService:
             if self.pipe.compiled:  # each batch bucket's fused and residual-LoRA graphs (cached under SPO_DATA_DIR)
                 warm = self.engine.call(self.pipe.warm_up).result()
                 log.info("compiled graphs warm in %.1fs (%s)", warm["total_s"], self.pipe.compile_why)
-            self.engine.generate_sync([{"prompt": "warm-up", "seed": 0, "num_inference_steps": 2}])
+            self.engine.generate_sync([self.pipe.parse({"prompt": "warm-up", "seed": 0, "num_inference_steps": 2})])
             log.info("warm-up image in %.2fs; ready", time.perf_counter() - t0)
             self.ready = True
         except Exception as e:  # keep the process up and say why on /livez and /readyz
@@ -177,39 +177,26 @@ class SPOService:
     def __is_alive__(self) -> bool:
         return self.failure is None and (self.engine is None or self.engine.alive)
 
-    def unready(self) -> JSONResponse:
-        if self.draining is not None:
-            return error_response(503, "the server is stopping (SIGTERM): send this request to another replica",
-                                  headers={"Retry-After": "1"}, kind="unavailable")
-        if self.engine is not None and not self.engine.alive:
-            return error_response(503, f"the engine thread died ({self.engine.died}); the server must be restarted",
-                                  headers={"Retry-After": "30"}, kind="unavailable")
-        if self.failure:
-            return error_response(503, f"the model failed to load: {self.failure}", headers={"Retry-After": "30"},
-                                  kind="unavailable")
-        return error_response(503, "the model is still loading", headers={"Retry-After": "5"}, kind="unavailable")
-
     # -- generation --------------------------------------------------------------------------
 
-    async def _generate(self, ctx: bentoml.Context, route: str, body: dict, n: int, respond) -> Response:
-        """Validate (already done at the door, again here for direct callers), run, encode, log."""
+    async def _generate(self, ctx: bentoml.Context, route: str, model, body: dict, respond) -> Response:
+        """Run the door's parsed body (validated here only for a caller that bypassed the door), encode, log."""
         t0 = time.perf_counter()
-        rid = request_id(ctx.request.headers)
+        rid = context.request_id(ctx.request.headers)
+        parsed = door.parsed(ctx.request.scope, model)
         results = None
         self.inflight += 1
         try:
-            if not self.__is_ready__() or not self.engine.alive:
-                resp = self.unready()
+            reason = context.not_ready(self)
+            if reason is not None:
+                resp = map_error(reason)
             else:
-                parsed = (GenerateBatchBody if route == "/generate_batch" else GenerateBody).model_validate(body)
-                request = request_dict(parsed)
-                if n > 1 or route == "/generate_batch":
-                    import secrets
-
-                    from spo_runtime.limits import MAX_SEED
-
-                    base = parsed.seed if parsed.seed is not None else secrets.randbelow(MAX_SEED - n + 2)
-                    requests = [{**request, "seed": base + i} for i in range(n)]
+                if parsed is None:
+                    parsed = model.model_validate(body)
+                request = core_request(parsed)
+                if model is self.bodies.batch:  # seeds seed..seed+n-1
+                    first = context.first_seed(parsed.seed, parsed.n)
+                    requests = [request.model_copy(update={"seed": first + i}) for i in range(parsed.n)]
                 else:
                     requests = [request]
                 results = await self.engine.generate(requests, timeout_s=parsed.timeout_s,
@@ -221,30 +208,26 @@ class SPOService:
             self.inflight -= 1
         resp.headers["X-Request-Id"] = rid
         ctx.response.status_code = resp.status_code  # BentoML copies the context's status onto the response
-        self._log(route, rid, body, resp.status_code, t0, results)
+        context.access_log(self, route, rid, dict(parsed) if parsed is not None else body, resp.status_code, t0, results)
         return resp
 
-    @bentoml.api(route="/generate", input_spec=GenerateBody)
+    @bentoml.api(route="/generate", input_spec=framework_spec(BODIES.generate))
     async def generate(self, ctx: bentoml.Context, **body) -> Image.Image:
         """Text to image. Returns the encoded image; parameters and timings in X-* headers."""
 
         async def respond(rid, parsed, results):
-            from spo_runtime.imaging import encode_image
-
             r = results[0]
             # encoding a 1024x1024 PNG takes tens of ms: off the event loop
             data = await anyio.to_thread.run_sync(encode_image, r, parsed.format, parsed.quality)
             return Response(data, media_type=FORMATS[parsed.format], headers=result_headers(rid, r))
 
-        return await self._generate(ctx, "/generate", body, 1, respond)
+        return await self._generate(ctx, "/generate", self.bodies.generate, body, respond)
 
-    @bentoml.api(route="/generate_batch", input_spec=GenerateBatchBody)
+    @bentoml.api(route="/generate_batch", input_spec=framework_spec(BODIES.batch))
     async def generate_batch(self, ctx: bentoml.Context, **body) -> BatchResponse:
         """`n` images (1..8) of one prompt, seeds seed..seed+n-1, as JSON with base64 images."""
 
         async def respond(rid, parsed, results):
-            from spo_runtime.imaging import encode_image
-
             fmt, r0 = parsed.format, results[0]
             encoded = await anyio.to_thread.run_sync(lambda: [encode_image(r, fmt, parsed.quality) for r in results])
             payload = {
@@ -257,45 +240,19 @@ class SPOService:
             }
             return JSONResponse(payload, headers=result_headers(rid, r0))
 
-        return await self._generate(ctx, "/generate_batch", body, body.get("n", 1), respond)
-
-    def _log(self, route: str, rid: str, body: dict, status: int, t0: float, results=None) -> None:
-        rec = {
-            "route": route, "id": rid, "status": status, "ms": round((time.perf_counter() - t0) * 1e3, 1),
-            "prompt_len": len(body.get("prompt") or ""),
-            **{k: body.get(k) for k in ("width", "height", "num_inference_steps", "guidance_scale", "scheduler", "lora_scale", "adapter", "n")
-               if body.get(k) is not None},
-        }
-        if self.settings.log_prompts:
-            rec["prompt"] = body.get("prompt")
-        if results:
-            t = results[0].timings
-            rec.update({k: round(t.get(k, 0.0), 1) for k in ("queue_ms", "encode_ms", "denoise_ms", "decode_ms")})
-            rec["seeds"] = [r.seed for r in results]
-        access.info(json.dumps(rec))
+        return await self._generate(ctx, "/generate_batch", self.bodies.batch, body, respond)
 
 
-def request_id(headers) -> str:
-    """The caller's X-Request-Id when it is short and plain, else a fresh one."""
-    given = headers.get("x-request-id", "")
-    return given if given and len(given) <= 64 and given.replace("-", "").isalnum() else uuid.uuid4().hex
+def _generation_guard(headers) -> Response | None:
+    """At the door, for /generate, /generate_batch and /generate/stream: SPO_API_TOKEN's rule."""
+    svc = context.bound()
+    return None if svc is None or context.credentials_ok(svc, headers) else api_unauthorized()
 
 
-SPOService = bentoml.asgi_app(admin.app, path="/")(SPOService)
-def _generation_guard(headers: dict) -> dict | None:
-    """With SPO_API_TOKEN set, the generation routes need it (or the admin token) as a bearer token."""
-    svc = admin.bound()
-    if svc is None or not svc.api_token:
-        return None
-    if bearer_ok(headers.get(b"authorization", b"").decode("latin-1"), svc.api_token, svc.admin_token):
-        return None
-    return error_body(401, "authorization: a valid 'Authorization: Bearer <SPO_API_TOKEN>' header is required",
-                      "authorization", kind="unauthorized")
-
-
+SPOService = bentoml.asgi_app(app, path="/")(SPOService)
 SPOService.add_asgi_middleware(
-    Contract, models={"/generate": GenerateBody, "/generate_batch": GenerateBatchBody, "/generate/stream": GenerateStreamBody},
-    guard=_generation_guard, image_limit=SETTINGS.max_image_bytes,
+    door.Contract, models={"/generate": BODIES.generate, "/generate_batch": BODIES.batch, "/generate/stream": BODIES.stream},
+    guard=_generation_guard, image_limit=SETTINGS.max_image_bytes, shapes=ERROR_SHAPES,
     docs=functools.partial(declare_responses, routes={"/generate": (list(FORMATS.values()), None),
                                                       "/generate_batch": (["application/json"], BatchResponse)},
-                           stream=GenerateStreamBody))
+                           stream=BODIES.stream))

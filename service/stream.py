@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import time
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
-from service.errors import map_error, parse_body
-from service.schemas import request_dict, result_fields
+from service import context
+from service.errors import map_error
+from service.schemas import core_request, result_fields
 from spo_runtime.errors import AdapterNotFoundError
 
 
@@ -31,30 +32,22 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _png(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 async def generate_stream(request: Request) -> Response:
-    from service import admin
-    from service.service import GenerateStreamBody, request_id
-
-    svc = admin.bound()
-    rid = request_id(request.headers)
-    if svc is None or not svc.__is_ready__() or not svc.engine.alive:
-        resp = svc.unready() if svc is not None else map_error(admin._starting())
+    svc = context.bound()
+    rid = context.request_id(request.headers)
+    reason = context.not_ready(svc)
+    if reason is not None:
+        resp = map_error(reason)
         resp.headers["X-Request-Id"] = rid
         return resp
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     try:
-        body = parse_body(GenerateStreamBody, await request.body())
+        body = await context.body(request, svc.bodies.stream)  # the door's parsed body
         loaded = svc.pipe.registry.adapters
         if body.adapter is not None and body.adapter not in loaded:  # a 400 now rather than an error event later
             raise AdapterNotFoundError(body.adapter, list(loaded))
-        sub = svc.engine.submit([request_dict(body)], timeout_s=body.timeout_s, preview=body.preview,
+        sub = svc.engine.submit([core_request(body)], timeout_s=body.timeout_s, preview=body.preview,
                                 progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, ("step", p)))
     except Exception as e:
         resp = map_error(e)
@@ -64,7 +57,7 @@ async def generate_stream(request: Request) -> Response:
     answer.add_done_callback(lambda f: events.put_nowait(("done", f)))
 
     async def stream():
-        from spo_runtime.imaging import encode_image
+        from spo_runtime.imaging import encode_image, encode_png
 
         svc.inflight += 1
         t0 = time.perf_counter()
@@ -75,7 +68,8 @@ async def generate_stream(request: Request) -> Response:
                 if kind == "step":
                     data = {"i": item.i, "n": item.n, "eta_s": round(item.eta_s, 3)}
                     if item.latents is not None:
-                        data["preview"] = await anyio.to_thread.run_sync(lambda: _png(svc.pipe.preview(item.latents)))
+                        png = await anyio.to_thread.run_sync(lambda: encode_png(svc.pipe.preview(item.latents)))
+                        data["preview"] = base64.b64encode(png).decode()
                     yield _sse("step", data)
                     continue
                 try:
@@ -95,3 +89,6 @@ async def generate_stream(request: Request) -> Response:
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"X-Request-Id": rid, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+ROUTES = [Route("/generate/stream", generate_stream, methods=["POST"])]

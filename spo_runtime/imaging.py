@@ -20,19 +20,28 @@ def decode_image(v: Any) -> Image.Image:
     """A PIL image, or base64 (optionally a data: URL) of a PNG/JPEG/WebP -> an RGB PIL image. Refuses what
     does not decode, other formats, and more than MAX_IMAGE_PIXELS pixels (checked before decoding)."""
     if isinstance(v, Image.Image):
-        img = v
-    elif isinstance(v, str):
+        return _rgb(v, "base64 of a PNG, JPEG or WebP image")
+    if isinstance(v, str):
         text = v.split(",", 1)[1] if v.startswith("data:") and "," in v else v
         try:
             raw = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("must be base64 of a PNG, JPEG or WebP image (not valid base64)") from None
-        try:
-            img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP"))
-        except Exception:
-            raise ValueError("must be base64 of a PNG, JPEG or WebP image (not decodable as one)") from None
-    else:
-        raise ValueError(f"must be a base64 string (PNG, JPEG or WebP), got {type(v).__name__}")
+        return image_from_bytes(raw, "base64 of a PNG, JPEG or WebP image")
+    raise ValueError(f"must be a base64 string (PNG, JPEG or WebP), got {type(v).__name__}")
+
+
+def image_from_bytes(raw: bytes, what: str = "a PNG, JPEG or WebP image") -> Image.Image:
+    """The bytes of a PNG/JPEG/WebP file (an upload) -> an RGB PIL image, refused as decode_image refuses;
+    `what` is what the error says the value must be."""
+    try:
+        img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP"))
+    except Exception:
+        raise ValueError(f"must be {what} (not decodable as one)") from None
+    return _rgb(img, what)
+
+
+def _rgb(img: Image.Image, what: str) -> Image.Image:
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
         raise ValueError(f"must have at most {MAX_IMAGE_PIXELS:,} pixels, got {w}x{h}")
@@ -42,17 +51,26 @@ def decode_image(v: Any) -> Image.Image:
         img.load()  # decoded here, so damaged data is this field's error; not copied: fresh, or the caller's own
         return img
     except Exception:
-        raise ValueError("must be base64 of a PNG, JPEG or WebP image (the image data is damaged)") from None
+        raise ValueError(f"must be {what} (the image data is damaged)") from None
+
+
+def encode_png(image: Image.Image, parameters: str | None = None) -> bytes:
+    """PNG bytes of `image`, with `parameters` (A1111's name for the generation settings) as a text chunk."""
+    info = None
+    if parameters is not None:
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def encode_image(result, fmt: str = "png", quality: int = 95) -> bytes:
     """Our own encoding of a GeneratedImage; a PNG carries its parameters in a `parameters` text chunk."""
-    buf = io.BytesIO()
     if fmt == "png":
-        info = PngInfo()
-        info.add_text("parameters", result.parameters_text())
-        result.image.save(buf, format="PNG", pnginfo=info)
-    elif fmt == "jpeg":
+        return encode_png(result.image, result.parameters_text())
+    buf = io.BytesIO()
+    if fmt == "jpeg":
         result.image.save(buf, format="JPEG", quality=quality)
     elif fmt == "webp":
         result.image.save(buf, format="WEBP", quality=quality)

@@ -1,4 +1,4 @@
-"""The door middleware (service.errors.Contract) on a small Starlette app, in process: body limits, media
+"""The door middleware (service.door.Contract) on a small Starlette app, in process: body limits, media
 types, schema validation before the app runs, error reshaping, and the OpenAPI additions."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service.errors import Contract
+from service.door import Contract
 from service.schemas import _openapi30
 
 
@@ -100,3 +100,24 @@ def test_framework_errors_are_reshaped():
 def test_docs_are_patched_and_openapi30():
     assert client().get("/docs.json").json()["patched"] is True
     assert _openapi30({"a": [{"exclusiveMinimum": 0, "maximum": 3}]}) == {"a": [{"minimum": 0, "exclusiveMinimum": True, "maximum": 3}]}
+
+
+def test_the_parsed_body_is_handed_on_and_foreign_shapes_are_registered_explicitly():
+    from service.door import parsed
+    from service.errors import foreign_shape
+
+    seen = []
+
+    async def take(request: Request):
+        seen.append(parsed(request.scope, Body))
+        return JSONResponse({})
+
+    theirs = foreign_shape("/theirs/", lambda status, message, field, headers: JSONResponse(
+        {"message": message, "param": field}, status_code=status, headers=headers), lambda d: "message" in d)
+    app = Starlette(routes=[Route("/gen", take, methods=["POST"]), Route("/other", take, methods=["POST"])])
+    c = TestClient(Contract(app, models={"/gen": Body}, shapes={theirs.prefix: theirs}))
+    assert c.post("/gen", json={"prompt": "a"}).status_code == 200
+    assert c.post("/other", json={"prompt": "a"}).status_code == 200
+    assert seen[0] == Body(prompt="a") and seen[1] is None  # validated once, at the door, for its routes only
+    assert c.get("/theirs/nowhere").json() == {"message": "Not Found", "param": None}
+    assert c.get("/nowhere").json()["detail"] == [{"loc": [], "msg": "Not Found", "type": "not_found"}]

@@ -1,0 +1,22 @@
+"""The route table of the Starlette app mounted on the BentoML service (which itself serves /generate and
+/generate_batch): each route module's ROUTES, and the error shape of each foreign API it mounts, which
+the door applies to every answer under that API's prefix (the framework's 404/405 included)."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+
+from service import a1111, admin, openai_api, stream, train, ui
+from service.errors import ForeignShape
+
+ROUTES = [
+    *stream.ROUTES,  # /generate/stream: /generate's request as Server-Sent Events
+    *train.ROUTES,  # /train/*
+    *admin.ROUTES,  # /info, /admin/*
+    *openai_api.ROUTES,  # /v1/*: the OpenAI Images API
+    *a1111.ROUTES,  # /sdapi/v1/*: the AUTOMATIC1111 API
+    *ui.ROUTES,  # /ui: the playground page
+]
+ERROR_SHAPES: dict[str, ForeignShape] = {shape.prefix: shape for shape in (openai_api.ERRORS, a1111.ERRORS)}
+
+app = Starlette(routes=ROUTES)

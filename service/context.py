@@ -1,0 +1,237 @@
+"""What every route module shares: the service of this worker (`bind`, `bound`), whether it can take a
+request now (`not_ready`), the one credential rule (`credentials_ok`), `guarded` (credentials, readiness,
+typed errors in the route's API shape), `run` (n requests through the engine), the seed draw, the
+request id and the access log.
+
+Route modules import this module, never each other; the service (service.py) binds itself here at start.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service import auth, door
+from service.errors import map_error
+from spo_runtime.errors import EngineUnavailableError, InvalidRequestError
+from spo_runtime.limits import MAX_SEED
+
+log = logging.getLogger("spo_serve")
+access = logging.getLogger("spo_serve.access")  # one JSON line per generation request
+
+
+def configure_logging() -> None:
+    """Our loggers write lines to stderr (BentoML configures its own loggers only). Once per process, at start."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+class Service(Protocol):
+    """What the routes use of the service (service.SPOService); the engine, pipeline and stores are None
+    until the model has loaded."""
+
+    settings: Any  # spo_runtime.settings.Settings
+    bodies: Any  # schemas.Bodies: the generation bodies of the served preset
+    ready: bool
+    draining: float | None  # monotonic time of SIGTERM
+    failure: str | None  # why the model failed to load
+    inflight: int  # generation requests between the door and their last byte
+    started: float
+    api_token: str | None
+    admin_token: str
+    engine: Any
+    pipe: Any
+    sync: Any
+    admin_store: Any
+    jobs: Any
+    supervisor: Any
+
+
+class _Bound:
+    service: Service | None = None
+
+
+def bind(service: Service) -> None:
+    """Make `service` this worker's (the service calls this once, at start)."""
+    _Bound.service = service
+
+
+def bound() -> Service | None:
+    """This worker's service; None before it has started."""
+    return _Bound.service
+
+
+# -- who may call ------------------------------------------------------------------------------
+
+
+def credentials_ok(svc: Service, headers: Mapping[str, str], *, admin: bool = False, basic: bool = False) -> bool:
+    """The one credential rule. Admin routes: `Authorization: Bearer <admin token>`. Generation routes: anyone
+    while SPO_API_TOKEN is unset; set, `Bearer <token>` with the api or the admin token, or with `basic`
+    (A1111's --api-auth) HTTP Basic with either token as the password and any user name. Constant time."""
+    if admin:
+        tokens = [svc.admin_token]
+    elif not svc.api_token:
+        return True
+    else:
+        tokens = [t for t in (svc.api_token, svc.admin_token) if t]
+    header = headers.get("authorization") or ""
+    if any(hmac.compare_digest(header.encode(), b"Bearer " + t.encode()) for t in tokens):
+        return True
+    if basic and header[:6].lower() == "basic ":
+        try:
+            user_pass = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return False
+        password = user_pass.partition(":")[2]
+        return any(hmac.compare_digest(password.encode(), t.encode()) for t in tokens)
+    return False
+
+
+# -- whether it can take a request now ------------------------------------------------------------
+
+
+def unavailable(svc: Service | None) -> EngineUnavailableError:
+    """Why the service cannot take a request, with the Retry-After that reason deserves."""
+    if svc is None:
+        return EngineUnavailableError("the server is starting", retry_after=5)
+    if svc.draining is not None:
+        return EngineUnavailableError("the server is stopping (SIGTERM): send this request to another replica",
+                                      retry_after=1)
+    if svc.engine is not None and not svc.engine.alive:
+        return EngineUnavailableError(f"the engine thread died ({svc.engine.died}); the server must be restarted",
+                                      retry_after=30)
+    if svc.failure:
+        return EngineUnavailableError(f"the model failed to load: {svc.failure}", retry_after=30)
+    return EngineUnavailableError("the model is still loading", retry_after=5)
+
+
+def not_ready(svc: Service | None, *, admin: bool = False) -> EngineUnavailableError | None:
+    """None when the service can take the request now, else why not. Generation routes need the model
+    loaded, no SIGTERM and a live engine; admin routes only the model loaded (they work while draining)."""
+    if svc is None:
+        return unavailable(None)
+    if admin:
+        ok = svc.ready
+    else:
+        ok = svc.ready and svc.draining is None and svc.engine is not None and svc.engine.alive
+    return None if ok else unavailable(svc)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one API answers what `guarded` refuses: a caller without credentials, a typed error."""
+
+    unauthorized: Callable[[], Response]
+    error: Callable[[BaseException], Response]
+    admin: bool = False  # admin routes: the admin token, and readiness as `not_ready(admin=True)`
+    basic: bool = False  # HTTP Basic with the token as the password is accepted too (A1111)
+    retry_after: float | None = None  # this API's Retry-After when not ready (None: the reason's own)
+
+
+ADMIN = Shape(unauthorized=auth.admin_unauthorized, error=map_error, admin=True)  # /admin/*, /train/*
+
+
+def guarded(shape: Shape, ready: bool = True):
+    """Route decorator: `handler(svc, request)` runs only for a caller with credentials (`shape.unauthorized()`
+    otherwise) and, with `ready`, when the service can take the request; any exception it raises, typed
+    or not, is answered by `shape.error` (the route's API error shape)."""
+
+    def decorate(handler: Callable[[Service | None, Request], Awaitable[Response]]):
+        @functools.wraps(handler)
+        async def wrapped(request: Request) -> Response:
+            svc = bound()
+            if svc is not None and not credentials_ok(svc, request.headers, admin=shape.admin, basic=shape.basic):
+                return shape.unauthorized()
+            try:
+                reason = not_ready(svc, admin=shape.admin) if ready else None
+                if reason is not None:
+                    if shape.retry_after is not None:
+                        reason.retry_after = shape.retry_after
+                    raise reason
+                return await handler(svc, request)
+            except Exception as e:
+                return shape.error(e)
+
+        return wrapped
+
+    return decorate
+
+
+async def body(request: Request, model):
+    """The request's body as `model`: the door's parsed body when it validated this one, else parsed here
+    (InvalidRequestError naming the field)."""
+    value = door.parsed(request.scope, model)
+    return value if value is not None else door.parse_body(model, await request.body())
+
+
+# -- running requests ----------------------------------------------------------------------------------
+
+
+def first_seed(seed: int | None, n: int) -> int:
+    """The first of n seeds seed..seed+n-1: `seed`, or drawn so that all n stay <= MAX_SEED."""
+    if seed is None:
+        return secrets.randbelow(MAX_SEED - n + 2)
+    if not 0 <= seed <= MAX_SEED - n + 1:
+        raise InvalidRequestError("seed", f"with n={n} must be in 0..{MAX_SEED - n + 1}, got {seed}")
+    return seed
+
+
+async def run(svc: Service, request: Request, fields: list[dict], n: int, seed: int | None) -> list:
+    """n requests of one prompt through the engine, as /generate_batch runs them: request i is
+    fields[i % len(fields)] with seed seed+i (drawn when None). Each distinct request is validated once
+    (a 400 naming the field); the access-log line is written once, whatever the outcome."""
+    first = first_seed(seed, n)
+    svc.inflight += 1
+    t0, status, results = time.perf_counter(), 200, None
+    try:
+        parsed = [svc.pipe.parse(f) for f in fields]
+        requests = [parsed[i % len(parsed)].model_copy(update={"seed": first + i}) for i in range(n)]
+        results = await svc.engine.generate(requests, is_disconnected=request.is_disconnected)
+        return results
+    except Exception as e:
+        status = map_error(e).status_code
+        raise
+    finally:
+        svc.inflight -= 1
+        access_log(svc, request.url.path, request_id(request.headers), {**fields[0], "n": n}, status, t0, results)
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """The caller's X-Request-Id when it is short and plain, else a fresh one."""
+    given = headers.get("x-request-id", "")
+    return given if given and len(given) <= 64 and given.replace("-", "").isalnum() else uuid.uuid4().hex
+
+
+_LOGGED = ("width", "height", "num_inference_steps", "guidance_scale", "scheduler", "lora_scale", "adapter", "n")
+
+
+def access_log(svc: Service, route: str, rid: str, fields: Mapping[str, Any], status: int, t0: float,
+               results=None) -> None:
+    """The request's one access-log line (JSON): route, id, status, ms, the prompt's length (its text only
+    with SPO_LOG_PROMPTS), the parameters set, and with results their timings and seeds."""
+    rec = {"route": route, "id": rid, "status": status, "ms": round((time.perf_counter() - t0) * 1e3, 1),
+           "prompt_len": len(fields.get("prompt") or ""),
+           **{k: fields.get(k) for k in _LOGGED if fields.get(k) is not None}}
+    if svc.settings.log_prompts:
+        rec["prompt"] = fields.get("prompt")
+    if results:
+        t = results[0].timings
+        rec.update({k: round(t.get(k, 0.0), 1) for k in ("queue_ms", "encode_ms", "denoise_ms", "decode_ms")})
+        rec["seeds"] = [r.seed for r in results]
+    access.info(json.dumps(rec))

@@ -1,0 +1,141 @@
+"""The training routes (/train/*): submit an SPO training job, follow it, fetch its adapter, cancel or
+resume it. Admin token only. The jobs run in their own process (spo_runtime.training.jobs); every
+handler raises typed errors (mapped to HTTP in one place) and does its file work off the event loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import context
+from service.context import ADMIN, Service, guarded
+from service.errors import Conflict
+from service.schemas import JobBody, TrainSubmitBody, check_adapter_name
+from spo_runtime.errors import InvalidRequestError
+from spo_runtime.requests import GenerationRequest
+
+
+def _training_prompts(svc: Service, body: TrainSubmitBody) -> list[str]:
+    from spo_runtime.state import resolve_under
+
+    if (body.prompts is None) == (body.prompts_file is None):
+        raise InvalidRequestError("prompts", "give exactly one of prompts (a list) or prompts_file")
+    if body.prompts_file is not None:
+        path = resolve_under(svc.jobs.root.parent, body.prompts_file, "prompts_file", suffixes=(".txt",))
+        prompts = [p for p in path.read_text().splitlines() if p.strip()]
+    else:
+        prompts = body.prompts
+    if not 1 <= len(prompts) <= 10_000:
+        raise InvalidRequestError("prompts", f"must hold 1..10000 prompts, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        try:
+            GenerationRequest.parse({"prompt": p})
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"prompts[{i}]", e.message) from None
+        if "\n" in p:
+            raise InvalidRequestError(f"prompts[{i}]", "must be one line")
+    return prompts
+
+
+def _start_adapter(svc: Service, name: str | None) -> str | None:
+    from spo_runtime.state import resolve_under
+
+    if not name:
+        return None
+    root = svc.admin_store.adapter_dir.resolve()
+    reg = svc.pipe.registry
+    if name in reg.adapters and Path(reg.adapters[name].source).is_file():
+        src = Path(reg.adapters[name].source).resolve()
+        if not src.is_relative_to(root):
+            raise InvalidRequestError("start_adapter", "the adapter's file is not under SPO_ADAPTER_DIR")
+        return str(src.relative_to(root))
+    return str(resolve_under(root, name, "start_adapter").relative_to(root))
+
+
+@guarded(ADMIN)
+async def train_submit(svc: Service, request: Request) -> Response:
+    from spo_runtime.training.trainer import TrainConfig
+
+    body = await context.body(request, TrainSubmitBody)
+    prompts = await anyio.to_thread.run_sync(_training_prompts, svc, body)
+    cfg = TrainConfig.parse(body.config)  # 400 naming config.<field>
+    world = _world(svc, cfg)
+    if body.output_adapter is not None:
+        check_adapter_name("output_adapter", body.output_adapter)
+    start = await anyio.to_thread.run_sync(_start_adapter, svc, body.start_adapter)
+    rec = await anyio.to_thread.run_sync(svc.jobs.create, prompts, cfg.model_dump(exclude_defaults=True), start,
+                                         body.output_adapter)
+    rec = await anyio.to_thread.run_sync(lambda: svc.jobs.update(rec["job_id"], **world))
+    return JSONResponse({"job_id": rec["job_id"], "state": rec["state"], "output_adapter": rec["output_adapter"], **world})
+
+
+def _world(svc: Service, cfg) -> dict:
+    """The job's data-parallel shape as its trainer will resolve it (400 naming config.nproc when the
+    training GPUs are fewer): ranks, pairs per optimiser step, micro-batch and accumulation."""
+    from spo_runtime.training.distributed import resolve_world
+
+    world, _ = resolve_world(cfg.nproc, svc.settings)
+    cfg.check_world(world)
+    return {"world_size": world, "pairs_per_step": cfg.pairs_per_step(world), "micro_batch": cfg.micro_batch,
+            "grad_accum": cfg.accumulation(world)}
+
+
+def _job_id(request: Request) -> str:
+    job_id = request.query_params.get("job_id")
+    if not job_id:
+        raise InvalidRequestError("job_id", "query parameter required")
+    return job_id
+
+
+def _public(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("result", "metrics")}
+
+
+@guarded(ADMIN)
+async def train_status(svc: Service, request: Request) -> Response:
+    return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.read, _job_id(request))))
+
+
+@guarded(ADMIN)
+async def train_get(svc: Service, request: Request) -> Response:
+    rec = await anyio.to_thread.run_sync(svc.jobs.read, _job_id(request))
+    if rec["state"] != "completed":
+        raise Conflict("job_id", f"the job is {rec['state']}, not completed")
+    res = rec["result"]
+    return JSONResponse({"job_id": rec["job_id"], "state": rec["state"], "adapter": rec["output_adapter"],
+                         "files": res["files"], "sha256": res["sha256"], "metrics": rec.get("metrics"), "round": rec["round"]})
+
+
+@guarded(ADMIN)
+async def train_cancel(svc: Service, request: Request) -> Response:
+    body = await context.body(request, JobBody)
+    return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.cancel, body.job_id)))
+
+
+@guarded(ADMIN)
+async def train_resume(svc: Service, request: Request) -> Response:
+    """Queue a failed, canceled or interrupted job again: it resumes from its last checkpoint."""
+    body = await context.body(request, JobBody)
+    return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.resume, body.job_id)))
+
+
+@guarded(ADMIN)
+async def train_list(svc: Service, request: Request) -> Response:
+    records = await anyio.to_thread.run_sync(svc.jobs.list)
+    counts = await anyio.to_thread.run_sync(svc.supervisor.counts)
+    jobs = [_public(r) | {"history": None} for r in records]
+    return JSONResponse({"jobs": [{k: v for k, v in j.items() if v is not None} for j in jobs], "counts": counts})
+
+
+ROUTES = [
+    Route("/train/submit", train_submit, methods=["POST"]),
+    Route("/train/status", train_status, methods=["GET"]),
+    Route("/train/get", train_get, methods=["GET"]),
+    Route("/train/cancel", train_cancel, methods=["POST"]),
+    Route("/train/resume", train_resume, methods=["POST"]),
+    Route("/train/list", train_list, methods=["GET"]),
+]
