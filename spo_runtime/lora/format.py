@@ -1,13 +1,18 @@
 """Read, validate and write SDXL LoRA files (safetensors only): UNet and text-encoder parts.
 
-Reading goes through diffusers' public converter, `StableDiffusionXLPipeline.lora_state_dict` (kohya/webui
-names with diffusers-style or SGM block names, `.alpha` keys, text-encoder parts), then diffusers' own
-renaming to PEFT names (`convert_unet_state_dict_to_peft`, `convert_state_dict_to_diffusers/_to_peft`), the
-same steps `load_lora_weights` takes. We keep no key map of our own: we follow every tensor through the
-converter by identity, so each error still names the key of the file, and a key the converter drops or
-overwrites is an error, never a silent omission. Then the strict whole-file checks: every key names a
+Reading takes the steps `StableDiffusionXLPipeline.load_lora_weights` takes, through the same diffusers
+functions in the same order (`_to_diffusers_names`): `lora_state_dict` (kohya/webui names with diffusers-style
+or SGM block names, text-encoder parts), then per part the renaming to the PEFT names peft matches against
+the model's modules (UNet: `convert_unet_state_dict_to_peft`; text encoders: `convert_state_dict_to_diffusers`,
+`convert_state_dict_to_peft`, and no `text_model.` prefix on an encoder without that submodule). So a file
+diffusers loads we load, and one it refuses we refuse. We keep no key map of our own: we follow every tensor
+through the converters by identity, so each error still names the key of the file, and a key the converters
+drop or overwrite is an error, never a silent omission. Then the strict whole-file checks: every key names a
 layer, every down has its up, every shape fits. Layouts our runtime cannot express (LoHa, LoKr, DoRA
 magnitudes, full-weight diffs) are refused by name before conversion.
+
+Alphas are read from the file per module (kohya `.alpha`, and `.alpha` next to diffusers/PEFT names, which
+diffusers itself refuses); without them alpha = rank, as in kohya and diffusers.
 
 Module names: UNet layers by their path in the UNet (`down_blocks.1...to_q`); text-encoder layers as
 `text_encoder.<path>` / `text_encoder_2.<path>`.
@@ -50,11 +55,7 @@ _FULL_DIFF = re.compile(r"\.(diff|diff_b|weight_diff|bias_diff)$")
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
 TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_", "text_encoder.", "text_encoder_2.")
-_ROLES = {
-    "lora.down.weight": "down", "lora_A.weight": "down", "lora_down.weight": "down",
-    "lora.up.weight": "up", "lora_B.weight": "up", "lora_up.weight": "up",
-    "alpha": "alpha",
-}
+_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up"}  # of a PEFT name, after diffusers' renaming
 _SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
 
 
@@ -230,8 +231,19 @@ def _refuse_unsupported(keys: Iterable[str]) -> None:
                 f"(up @ down) only; key {key!r}", keys=[key])
 
 
+_KOHYA_PARTS = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"),
+                ("lora_te2_", "text_encoder_2"))
+
+
+def _kohya_part(name: str) -> str:
+    return next(part for prefix, part in _KOHYA_PARTS if name.startswith(prefix))
+
+
 def _kohya_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
-    """{kohya module name: {role: key}}; every key must be `<name>.lora_down.weight/lora_up.weight/alpha`."""
+    """{kohya module name: {role: key}}; every key must be `<name>.lora_down.weight/lora_up.weight/alpha`.
+    Within one part (UNet, each text encoder) every module has its `.alpha` or none has: without alphas,
+    diffusers and kohya agree on alpha = rank; a module without one among modules with theirs is given the
+    part's most common alpha by diffusers but its rank by kohya, so we refuse it as ambiguous."""
     groups: dict[str, dict[str, str]] = {}
     problems = []
     for key in state_dict:
@@ -246,8 +258,16 @@ def _kohya_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, st
         if "down" not in roles or "up" not in roles:
             missing = "up" if "down" in roles else "down"
             problems += [(k, f"module {name!r} has no {missing} weight") for k in roles.values()]
-        elif "alpha" not in roles:
-            problems.append((roles["down"], f"module {name!r} lacks its {name + '.alpha'!r} key (required in webui)"))
+    _fail("incomplete LoRA modules", problems)
+    by_part: dict[str, list[str]] = {}
+    for name in groups:
+        by_part.setdefault(_kohya_part(name), []).append(name)
+    for part, names in by_part.items():
+        with_alpha = sum("alpha" in groups[n] for n in names)
+        if 0 < with_alpha < len(names):
+            problems += [(groups[n]["down"], f"module {n!r} lacks its {n + '.alpha'!r} key while {with_alpha} other "
+                          f"module(s) of the {part} have theirs (kohya would use its rank, diffusers the most common "
+                          "alpha: ambiguous)") for n in names if "alpha" not in groups[n]]
     _fail("incomplete LoRA modules", problems)
     sgm = [roles["down"] for name, roles in groups.items() if name.startswith("lora_unet_") and
            name.removeprefix("lora_unet_").startswith(_SGM_BLOCKS)]
@@ -259,15 +279,38 @@ def _kohya_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, st
     return groups
 
 
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
+
+
+def _diffusers_alphas(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{`<module>.alpha` key: its module's down key} of a file with diffusers/PEFT names. diffusers itself
+    refuses such keys (its LoRA keys must all contain 'lora'); we read them, as PEFT-style trainers write them."""
+    alphas, problems = {}, []
+    for key in state_dict:
+        if not key.endswith(".alpha"):
+            continue
+        base = key.removesuffix(".alpha")
+        down = next((base + s for s in _DOWN_SUFFIXES if base + s in state_dict), None)
+        if down is None:
+            problems.append((key, f"module {base!r} has no down weight"))
+        else:
+            alphas[key] = down
+    _fail("incomplete LoRA modules", problems)
+    return alphas
+
+
 def _convert(fn, items: dict[str, tuple[str, torch.Tensor]], what: str) -> dict[str, tuple[str, torch.Tensor]]:
     """Apply a diffusers converter to {key: tensor} and follow each tensor by identity back to its file key.
-    A tensor the converter drops or overwrites is an error naming its key."""
+    A tensor the converter drops or overwrites is an error naming its key; so is the converter's own refusal."""
     by_id = {id(t): src for src, t in items.values()}
     try:
         out = fn({k: t for k, (_, t) in items.items()})
-    except Exception as e:  # diffusers raises ValueError/KeyError with the offending names in the message
-        keys = [src for src, _ in items.values() if src in str(e)] or [next(iter(items.values()))[0]]
-        raise LoraFormatError(f"diffusers' {what} refused the file ({type(e).__name__}: {e})", keys=keys) from e
+    except Exception as e:  # diffusers raises ValueError/KeyError, with the offending names in the message or not
+        named = [src for src, _ in items.values() if src in str(e)]
+        keys = named or [src for src, _ in items.values()]
+        where = "" if named else f"; first of its keys: {keys[0]!r}"
+        raise LoraFormatError(f"diffusers' {what} refused the file ({type(e).__name__}: {e}){where} "
+                              "(StableDiffusionXLPipeline.load_lora_weights refuses it the same way)", keys=keys) from e
     result = {}
     for k, t in out.items():
         src = by_id.get(id(t))
@@ -281,11 +324,19 @@ def _convert(fn, items: dict[str, tuple[str, torch.Tensor]], what: str) -> dict[
 
 
 def _to_diffusers_names(
-    state_dict: dict[str, torch.Tensor], layout: Layout, unet_config
+    state_dict: dict[str, torch.Tensor], layout: Layout, specs: dict[str, ModuleSpec], unet_config
 ) -> tuple[dict[str, tuple[str, torch.Tensor]], dict[str, str]]:
-    """The file's tensors under the PEFT names diffusers loads them with: ({name: (file key, tensor)},
-    {kohya alpha key: kohya down key})."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+    """The file's weights under the names diffusers' `StableDiffusionXLPipeline.load_lora_weights` hands to peft,
+    reached by the same diffusers functions in the same order: ({name: (file key, tensor)}, {alpha key: down key}).
+
+    1. `lora_state_dict` (kohya/webui and SGM names -> diffusers names; other files as they are);
+    2. UNet part, as `UNet2DConditionModel.load_lora_adapter`: `convert_unet_state_dict_to_peft` unless the
+       part's first key already holds `lora_A`;
+    3. each text-encoder part, as `_load_lora_into_text_encoder`: `convert_state_dict_to_diffusers`, then
+       `convert_state_dict_to_peft`, then `text_model.` dropped when the encoder has no `text_model` submodule
+       (recent transformers' flattened CLIPTextModel; in `specs`: no layer of the encoder lies under it).
+    peft then matches these names to modules exactly, as `parse_lora_state_dict` does with `specs`."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as Loader
     from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
                                                   convert_unet_state_dict_to_peft)
 
@@ -295,51 +346,49 @@ def _to_diffusers_names(
         if id(t) in seen:
             tensors[k] = t.view(t.shape)
         seen.add(id(t))
-    alphas: dict[str, str] = {}
     if layout == "webui":
         groups = _kohya_groups(tensors)
-        alphas = {roles["alpha"]: roles["down"] for roles in groups.values()}
+        alphas = {roles["alpha"]: roles["down"] for roles in groups.values() if "alpha" in roles}
         if unet_config is None and any(n.removeprefix("lora_unet_").startswith(_SGM_BLOCKS) for n in groups):
             raise LoraFormatError("SGM block names need the UNet's config to be mapped",
                                   keys=[next(r["down"] for n, r in groups.items() if n.removeprefix("lora_unet_").startswith(_SGM_BLOCKS))])
         weights = {k: (k, t) for k, t in tensors.items() if k not in alphas}
         # diffusers reads alphas as numbers (network_alphas); we take them from the file by kohya name
         converted = _convert(
-            lambda sd: StableDiffusionXLLoraLoaderMixin.lora_state_dict(
-                {**sd, **{a: tensors[a] for a in alphas}}, unet_config=unet_config)[0],
+            lambda sd: Loader.lora_state_dict({**sd, **{a: tensors[a] for a in alphas}}, unet_config=unet_config)[0],
             weights, "converter (StableDiffusionXLPipeline.lora_state_dict)")
     else:
-        converted = _convert(lambda sd: StableDiffusionXLLoraLoaderMixin.lora_state_dict(sd)[0],
-                             {k: (k, t) for k, t in tensors.items()}, "lora_state_dict")
+        alphas = _diffusers_alphas(tensors)
+        converted = _convert(lambda sd: Loader.lora_state_dict(sd, unet_config=unet_config)[0],
+                             {k: (k, t) for k, t in tensors.items() if k not in alphas}, "lora_state_dict")
     out: dict[str, tuple[str, torch.Tensor]] = {}
     for prefix in ("unet",) + TEXT_ENCODERS:
         part = {k.removeprefix(prefix + "."): v for k, v in converted.items() if k.split(".", 1)[0] == prefix}
         if not part:
             continue
-        if prefix == "unet":  # key by key, so that two keys landing on one name are both named
-            renamed = {}
-            for k, v in part.items():
-                for new, item in _convert(convert_unet_state_dict_to_peft, {k: v}, "UNet renaming").items():
-                    if new in renamed:
-                        _fail("LoRA keys do not match the UNet", [(renamed[new][0], f"{new!r} given twice"),
-                                                                  (item[0], f"{new!r} given twice")])
-                    renamed[new] = item
+        if prefix == "unet":
+            if "lora_A" in next(iter(part)):
+                renamed = part
+            else:  # key by key, so that two keys landing on one name are both named
+                renamed = {}
+                for k, v in part.items():
+                    for new, item in _convert(convert_unet_state_dict_to_peft, {k: v}, "UNet renaming").items():
+                        if new in renamed:
+                            _fail("LoRA keys do not match the UNet", [(renamed[new][0], f"{new!r} given twice"),
+                                                                      (item[0], f"{new!r} given twice")])
+                        renamed[new] = item
         else:
-            def te_to_peft(sd):
-                try:
-                    return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
-                except ValueError as e:
-                    if "infer" not in str(e):
-                        raise
-                    return sd  # names diffusers cannot classify: left as they are, refused below
-            renamed = _convert(te_to_peft, part, "text-encoder renaming")
+            renamed = _convert(lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd)), part,
+                               f"{prefix} renaming (convert_state_dict_to_diffusers, convert_state_dict_to_peft)")
+            if not any(m.startswith(f"{prefix}.text_model.") for m in specs):
+                renamed = _convert(lambda sd: {k.removeprefix("text_model."): t for k, t in sd.items()}, renamed,
+                                   f"{prefix} renaming (text_model. prefix of a flattened CLIPTextModel)")
         out.update({f"{prefix}.{k}": v for k, v in renamed.items()})
     return out, alphas
 
 
 _PEFT_KEY = re.compile(
-    r"^(?P<prefix>unet|text_encoder|text_encoder_2)\.(?P<module>.+?)\."
-    r"(?P<suffix>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|alpha)$"
+    r"^(?P<prefix>unet|text_encoder|text_encoder_2)\.(?P<module>.+?)\.(?P<suffix>lora_A\.weight|lora_B\.weight)$"
 )
 
 
@@ -362,7 +411,7 @@ def parse_lora_state_dict(
     _refuse_unsupported(state_dict)
     layout = detect_layout(state_dict)
     reported = source_layout(state_dict)
-    named, alphas = _to_diffusers_names(state_dict, layout, unet_config)
+    named, alphas = _to_diffusers_names(state_dict, layout, specs, unet_config)
 
     parts: dict[str, dict[str, str]] = {}
     module_of: dict[str, str] = {}
@@ -370,14 +419,17 @@ def parse_lora_state_dict(
     for name, (key, tensor) in named.items():
         match = _PEFT_KEY.match(name)
         if match is None:
-            problems.append((key, f"does not fit the {layout} layout (<unet|text_encoder|text_encoder_2>.<module>."
-                                  "lora.down.weight / lora.up.weight / lora_A.weight / lora_B.weight / alpha)"))
+            renamed = "" if name == key else f" (diffusers renames it {name!r})"
+            problems.append((key, f"does not fit the {layout} layout{renamed}: after diffusers' renaming every key must "
+                                  "be <unet|text_encoder|text_encoder_2>.<module>.lora_A.weight / lora_B.weight"))
             continue
         prefix, raw, role = match["prefix"], match["module"], _ROLES[match["suffix"]]
         module = raw if prefix == "unet" else f"{prefix}.{raw}"
         if module not in specs:
             where = "the UNet" if prefix == "unet" else prefix
             hint = " (LDM/sgm block names)" if raw.startswith(_SGM_BLOCKS) else ""
+            if not key.startswith(f"{prefix}.{raw}."):
+                hint += f" (diffusers maps it to {raw!r})"
             problems.append((key, f"names no nn.Linear or nn.Conv2d module of {where}{hint}"))
         elif not isinstance(tensor, torch.Tensor):
             problems.append((key, f"is a {type(tensor).__name__}, not a tensor"))
@@ -387,6 +439,8 @@ def parse_lora_state_dict(
         else:
             parts[module][role] = key
             module_of[key] = module
+    if not any(parts.values()):
+        _fail("the LoRA targets no layer of this model (is it made for another base model?)", problems)
     _fail("LoRA keys do not match the model", problems)
     for alpha_key, down_key in alphas.items():
         parts[module_of[down_key]]["alpha"] = alpha_key
@@ -445,7 +499,10 @@ def read_lora_file(path: str | os.PathLike, specs: dict[str, ModuleSpec], unet_c
         state_dict = safetensors.torch.load(data)
     except (safetensors.SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise LoraFormatError(f"{path}: not a readable safetensors file ({e})") from e
-    layout, modules = parse_lora_state_dict(state_dict, specs, unet_config)
+    try:
+        layout, modules = parse_lora_state_dict(state_dict, specs, unet_config)
+    except LoraFormatError as e:
+        raise LoraFormatError(f"{path}: {e}", keys=e.keys) from e
     return LoraFile(layout, modules, hashlib.sha256(data).hexdigest(), path)
 
 
