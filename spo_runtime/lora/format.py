@@ -121,6 +121,15 @@ def is_text_encoder_module(module: str) -> bool:
     return module.split(".", 1)[0] in TEXT_ENCODERS
 
 
+PARTS = ("unet",) + TEXT_ENCODERS
+
+
+def module_part(module: str) -> str:
+    """The model part a module name lies in: 'unet', 'text_encoder' or 'text_encoder_2'."""
+    head = module.split(".", 1)[0]
+    return head if head in TEXT_ENCODERS else "unet"
+
+
 def _leaf_name(module: str) -> str:
     """Last path component, keeping a trailing list index (`to_out.0`)."""
     parts = module.split(".")
