@@ -290,3 +290,34 @@ def test_a_file_for_another_model_is_refused_naming_a_key(pipe, tmp_path):
         pipe.load_adapter("sd15", path)
     assert str(path) in str(e.value) and f"{key}.lora_down.weight" in str(e.value)
     assert "sd15" not in pipe.registry.adapters
+
+
+def test_alphas_count_per_part(pipe, diffusers_pipe, tmp_path):
+    """Alphas in the UNet part and none in the text encoders': each part keeps its own rule (file alphas; alpha =
+    rank), as in diffusers. One module without an alpha among modules with theirs: refused, since there diffusers
+    gives it the part's most common alpha while kohya means its rank."""
+    specs = module_specs_of(pipe.unet, pipe.registry.text_encoders)
+    gen = generate(Variant("kohya", "kohya", "both", "attn"), specs, seed=3)
+    te_alphas = [k for k in gen.state_dict if k.startswith("lora_te") and k.endswith(".alpha")]
+    sd = {k: t for k, t in gen.state_dict.items() if k not in te_alphas}
+    meant = {m: d * (2 if m.startswith("text_encoder") else 1) for m, d in gen.deltas.items()}  # TE: rank 2, alpha 1
+    path = tmp_path / "unet_alphas_only.safetensors"
+    safetensors.torch.save_file(sd, path)
+    try:
+        assert diffusers_verdict(diffusers_pipe, path, "per_part", meant) is None
+    finally:
+        forget(diffusers_pipe, "per_part")
+    pipe.load_adapter("per_part", path)
+    try:
+        mine = our_deltas(pipe, "per_part")
+        assert sorted(mine) == sorted(meant) and all(torch.allclose(mine[m], meant[m], atol=1e-6) for m in mine)
+    finally:
+        pipe.unload_adapter("per_part")
+
+    lacking = te_alphas[0]
+    path = tmp_path / "one_alpha_missing.safetensors"
+    safetensors.torch.save_file({k: t for k, t in gen.state_dict.items() if k != lacking}, path)
+    with pytest.raises(LoraFormatError, match="ambiguous") as e:
+        pipe.load_adapter("one_missing", path)
+    down = lacking.replace(".alpha", ".lora_down.weight")
+    assert e.value.keys == [down] and down in str(e.value) and str(path) in str(e.value)
