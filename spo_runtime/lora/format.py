@@ -1,11 +1,11 @@
 """Read, validate and write SDXL LoRA files (safetensors only): UNet and text-encoder parts.
 
 Reading takes the steps `StableDiffusionXLPipeline.load_lora_weights` takes, through the same diffusers
-functions in the same order (`convert.to_diffusers_names`): `lora_state_dict` (kohya/webui names with diffusers-style
-or SGM block names, text-encoder parts), then per part the renaming to the PEFT names peft matches against
-the model's modules (UNet: `convert_unet_state_dict_to_peft`; text encoders: `convert_state_dict_to_diffusers`,
-`convert_state_dict_to_peft`, and no `text_model.` prefix on an encoder without that submodule). So a file
-diffusers loads we load, and one it refuses we refuse. We keep no key map of our own: we follow every tensor
+functions in the same order (`convert.to_diffusers_names`): `lora_state_dict` (kohya/webui names with
+diffusers-style or SGM block names, text-encoder parts), then per part the renaming to the PEFT names peft
+matches against the model's modules (UNet: `convert_unet_state_dict_to_peft`; text encoders:
+`convert_state_dict_to_diffusers`, `convert_state_dict_to_peft`, and no `text_model.` prefix on an encoder
+without that submodule). So a file diffusers loads we load, and one it refuses we refuse. We keep no key map of our own: we follow every tensor
 through the converters by identity, so each error still names the key of the file, and a key the converters
 drop or overwrite is an error, never a silent omission. Then the strict whole-file checks: every key names a
 layer, every down has its up, every shape fits. Layouts our runtime cannot express (LoHa, LoKr, DoRA
