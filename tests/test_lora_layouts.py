@@ -260,6 +260,7 @@ def test_admin_listing_reports_layout_text_encoder_parts_and_layers(ours, tmp_pa
     a, spo = listed["listed"], listed["spo"]
     assert (a["layout"], a["text_encoder"], a["rank"]) == ("webui", True, 4)
     assert (a["unet_layers"], a["text_encoder_layers"]) == (len(modules) - 24, 24)
+    assert a["layers_by_part"] == {"unet": len(modules) - 24, "text_encoder": 12, "text_encoder_2": 12}
     assert a["memory_bytes"] == sum(4 * (m.down.numel() + m.up.numel()) for m in modules.values())
     import hashlib
 

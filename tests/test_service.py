@@ -147,6 +147,9 @@ def test_mixed_scales_and_adapters_in_one_batch(server):
     assert np.abs(img(together[0]) - img(together[2])).max() > 10
     listed = httpx.get(server.url + "/admin/adapters", headers=AUTH).json()
     assert {a["name"] for a in listed["adapters"]} == {"spo", "conv"}
+    layers = {a["name"]: a["layers"] for a in listed["adapters"]}
+    assert {a["name"]: a["layers_by_part"] for a in listed["adapters"]} == {
+        n: {"unet": layers[n], "text_encoder": 0, "text_encoder_2": 0} for n in ("spo", "conv")} and layers["spo"] == 64
 
 
 def test_scale_change_under_load(server):

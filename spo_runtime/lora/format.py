@@ -1,13 +1,18 @@
 """Read, validate and write SDXL LoRA files (safetensors only): UNet and text-encoder parts.
 
-Reading goes through diffusers' public converter, `StableDiffusionXLPipeline.lora_state_dict` (kohya/webui
-names with diffusers-style or SGM block names, `.alpha` keys, text-encoder parts), then diffusers' own
-renaming to PEFT names (`convert_unet_state_dict_to_peft`, `convert_state_dict_to_diffusers/_to_peft`), the
-same steps `load_lora_weights` takes. We keep no key map of our own: we follow every tensor through the
-converter by identity, so each error still names the key of the file, and a key the converter drops or
-overwrites is an error, never a silent omission. Then the strict whole-file checks: every key names a
+Reading takes the steps `StableDiffusionXLPipeline.load_lora_weights` takes, through the same diffusers
+functions in the same order (`convert.to_diffusers_names`): `lora_state_dict` (kohya/webui names with
+diffusers-style or SGM block names, text-encoder parts), then per part the renaming to the PEFT names peft
+matches against the model's modules (UNet: `convert_unet_state_dict_to_peft`; text encoders:
+`convert_state_dict_to_diffusers`, `convert_state_dict_to_peft`, and no `text_model.` prefix on an encoder
+without that submodule). So a file diffusers loads we load, and one it refuses we refuse. We keep no key map of our own: we follow every tensor
+through the converters by identity, so each error still names the key of the file, and a key the converters
+drop or overwrite is an error, never a silent omission. Then the strict whole-file checks: every key names a
 layer, every down has its up, every shape fits. Layouts our runtime cannot express (LoHa, LoKr, DoRA
 magnitudes, full-weight diffs) are refused by name before conversion.
+
+Alphas are read from the file per module (kohya `.alpha`, and `.alpha` next to diffusers/PEFT names, which
+diffusers itself refuses); without them alpha = rank, as in kohya and diffusers.
 
 Module names: UNet layers by their path in the UNet (`down_blocks.1...to_q`); text-encoder layers as
 `text_encoder.<path>` / `text_encoder_2.<path>`.
@@ -29,12 +34,12 @@ import torch
 
 from spo_runtime.errors import LoraFormatError
 from spo_runtime.fsutil import atomic_write
+from spo_runtime.lora.convert import SGM_BLOCKS, TEXT_ENCODERS, fail, to_diffusers_names
 
 Layout = Literal["diffusers", "webui"]  # layouts we write
 # layouts we read: diffusers (diffusers or PEFT names), webui (kohya, diffusers-style block names),
 # webui-sgm (kohya with SGM/LDM block names: input_blocks / middle_block / output_blocks)
 SourceLayout = Literal["diffusers", "webui", "webui-sgm"]
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # formats whose update is not up @ down: (marker in a key, name of the format)
 UNSUPPORTED = (
     ("hada_w1_", "LoHa (LyCORIS Hadamard product)"), ("hada_w2_", "LoHa (LyCORIS Hadamard product)"),
@@ -50,12 +55,7 @@ _FULL_DIFF = re.compile(r"\.(diff|diff_b|weight_diff|bias_diff)$")
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
 TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_", "text_encoder.", "text_encoder_2.")
-_ROLES = {
-    "lora.down.weight": "down", "lora_A.weight": "down", "lora_down.weight": "down",
-    "lora.up.weight": "up", "lora_B.weight": "up", "lora_up.weight": "up",
-    "alpha": "alpha",
-}
-_SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
+_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up"}  # of a PEFT name, after diffusers' renaming
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,15 @@ def is_text_encoder_module(module: str) -> bool:
     return module.split(".", 1)[0] in TEXT_ENCODERS
 
 
+PARTS = ("unet",) + TEXT_ENCODERS
+
+
+def module_part(module: str) -> str:
+    """The model part a module name lies in: 'unet', 'text_encoder' or 'text_encoder_2'."""
+    head = module.split(".", 1)[0]
+    return head if head in TEXT_ENCODERS else "unet"
+
+
 def _leaf_name(module: str) -> str:
     """Last path component, keeping a trailing list index (`to_out.0`)."""
     parts = module.split(".")
@@ -132,16 +141,6 @@ def _leaf_name(module: str) -> str:
 def _name_keys(keys: list[str], limit: int = 10) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _fail(problem: str, problems: list[tuple[str, str]]) -> None:
-    """Raise one LoraFormatError listing every (key, detail) pair."""
-    if not problems:
-        return
-    keys = [k for k, _ in problems]
-    lines = [f"{k}: {detail}" for k, detail in problems[:10]]
-    more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
-    raise LoraFormatError(f"{problem}: " + "; ".join(lines) + more, keys=keys)
 
 
 def module_specs(unet: torch.nn.Module) -> dict[str, ModuleSpec]:
@@ -230,116 +229,8 @@ def _refuse_unsupported(keys: Iterable[str]) -> None:
                 f"(up @ down) only; key {key!r}", keys=[key])
 
 
-def _kohya_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
-    """{kohya module name: {role: key}}; every key must be `<name>.lora_down.weight/lora_up.weight/alpha`."""
-    groups: dict[str, dict[str, str]] = {}
-    problems = []
-    for key in state_dict:
-        name, _, suffix = key.partition(".")
-        role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
-        if role is None:
-            problems.append((key, "does not fit the webui layout (<name>.lora_down.weight / lora_up.weight / alpha)"))
-        else:
-            groups.setdefault(name, {})[role] = key
-    _fail("LoRA keys do not match the webui layout", problems)
-    for name, roles in groups.items():
-        if "down" not in roles or "up" not in roles:
-            missing = "up" if "down" in roles else "down"
-            problems += [(k, f"module {name!r} has no {missing} weight") for k in roles.values()]
-        elif "alpha" not in roles:
-            problems.append((roles["down"], f"module {name!r} lacks its {name + '.alpha'!r} key (required in webui)"))
-    _fail("incomplete LoRA modules", problems)
-    sgm = [roles["down"] for name, roles in groups.items() if name.startswith("lora_unet_") and
-           name.removeprefix("lora_unet_").startswith(_SGM_BLOCKS)]
-    plain = [roles["down"] for name, roles in groups.items() if name.startswith("lora_unet_") and
-             name.removeprefix("lora_unet_").startswith(("down_blocks_", "mid_block_", "up_blocks_"))]
-    if sgm and plain:  # diffusers' converter would drop the SGM-named half without a word
-        _fail("mixed block names (SGM input_blocks/middle_block/output_blocks and diffusers down_blocks/mid_block/"
-              "up_blocks) in one file", [(k, "SGM block name in a file that also has diffusers block names") for k in sgm])
-    return groups
-
-
-def _convert(fn, items: dict[str, tuple[str, torch.Tensor]], what: str) -> dict[str, tuple[str, torch.Tensor]]:
-    """Apply a diffusers converter to {key: tensor} and follow each tensor by identity back to its file key.
-    A tensor the converter drops or overwrites is an error naming its key."""
-    by_id = {id(t): src for src, t in items.values()}
-    try:
-        out = fn({k: t for k, (_, t) in items.items()})
-    except Exception as e:  # diffusers raises ValueError/KeyError with the offending names in the message
-        keys = [src for src, _ in items.values() if src in str(e)] or [next(iter(items.values()))[0]]
-        raise LoraFormatError(f"diffusers' {what} refused the file ({type(e).__name__}: {e})", keys=keys) from e
-    result = {}
-    for k, t in out.items():
-        src = by_id.get(id(t))
-        if src is None:
-            raise LoraFormatError(f"diffusers' {what} changed the tensor of {k!r}: only renaming is supported", keys=[k])
-        result[k] = (src, t)
-    seen = {src for src, _ in result.values()}
-    lost = [src for src, _ in items.values() if src not in seen]
-    _fail(f"diffusers' {what} dropped or overwrote keys", [(k, "has no place in the converted LoRA") for k in lost])
-    return result
-
-
-def _to_diffusers_names(
-    state_dict: dict[str, torch.Tensor], layout: Layout, unet_config
-) -> tuple[dict[str, tuple[str, torch.Tensor]], dict[str, str]]:
-    """The file's tensors under the PEFT names diffusers loads them with: ({name: (file key, tensor)},
-    {kohya alpha key: kohya down key})."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
-    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
-                                                  convert_unet_state_dict_to_peft)
-
-    tensors = dict(state_dict)
-    seen: set[int] = set()
-    for k, t in tensors.items():  # identity tracking needs one object per key
-        if id(t) in seen:
-            tensors[k] = t.view(t.shape)
-        seen.add(id(t))
-    alphas: dict[str, str] = {}
-    if layout == "webui":
-        groups = _kohya_groups(tensors)
-        alphas = {roles["alpha"]: roles["down"] for roles in groups.values()}
-        if unet_config is None and any(n.removeprefix("lora_unet_").startswith(_SGM_BLOCKS) for n in groups):
-            raise LoraFormatError("SGM block names need the UNet's config to be mapped",
-                                  keys=[next(r["down"] for n, r in groups.items() if n.removeprefix("lora_unet_").startswith(_SGM_BLOCKS))])
-        weights = {k: (k, t) for k, t in tensors.items() if k not in alphas}
-        # diffusers reads alphas as numbers (network_alphas); we take them from the file by kohya name
-        converted = _convert(
-            lambda sd: StableDiffusionXLLoraLoaderMixin.lora_state_dict(
-                {**sd, **{a: tensors[a] for a in alphas}}, unet_config=unet_config)[0],
-            weights, "converter (StableDiffusionXLPipeline.lora_state_dict)")
-    else:
-        converted = _convert(lambda sd: StableDiffusionXLLoraLoaderMixin.lora_state_dict(sd)[0],
-                             {k: (k, t) for k, t in tensors.items()}, "lora_state_dict")
-    out: dict[str, tuple[str, torch.Tensor]] = {}
-    for prefix in ("unet",) + TEXT_ENCODERS:
-        part = {k.removeprefix(prefix + "."): v for k, v in converted.items() if k.split(".", 1)[0] == prefix}
-        if not part:
-            continue
-        if prefix == "unet":  # key by key, so that two keys landing on one name are both named
-            renamed = {}
-            for k, v in part.items():
-                for new, item in _convert(convert_unet_state_dict_to_peft, {k: v}, "UNet renaming").items():
-                    if new in renamed:
-                        _fail("LoRA keys do not match the UNet", [(renamed[new][0], f"{new!r} given twice"),
-                                                                  (item[0], f"{new!r} given twice")])
-                    renamed[new] = item
-        else:
-            def te_to_peft(sd):
-                try:
-                    return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
-                except ValueError as e:
-                    if "infer" not in str(e):
-                        raise
-                    return sd  # names diffusers cannot classify: left as they are, refused below
-            renamed = _convert(te_to_peft, part, "text-encoder renaming")
-        out.update({f"{prefix}.{k}": v for k, v in renamed.items()})
-    return out, alphas
-
-
 _PEFT_KEY = re.compile(
-    r"^(?P<prefix>unet|text_encoder|text_encoder_2)\.(?P<module>.+?)\."
-    r"(?P<suffix>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|alpha)$"
+    r"^(?P<prefix>unet|text_encoder|text_encoder_2)\.(?P<module>.+?)\.(?P<suffix>lora_A\.weight|lora_B\.weight)$"
 )
 
 
@@ -347,7 +238,7 @@ def source_layout(keys: Iterable[str]) -> str:
     """The file's layout as reported: diffusers, webui, or webui-sgm (kohya with SGM block names)."""
     keys = list(keys)
     layout = detect_layout(keys)
-    if layout == "webui" and any(k.removeprefix("lora_unet_").startswith(_SGM_BLOCKS) for k in keys if k.startswith("lora_unet_")):
+    if layout == "webui" and any(k.removeprefix("lora_unet_").startswith(SGM_BLOCKS) for k in keys if k.startswith("lora_unet_")):
         return "webui-sgm"
     return layout
 
@@ -362,7 +253,7 @@ def parse_lora_state_dict(
     _refuse_unsupported(state_dict)
     layout = detect_layout(state_dict)
     reported = source_layout(state_dict)
-    named, alphas = _to_diffusers_names(state_dict, layout, unet_config)
+    named, alphas = to_diffusers_names(state_dict, layout, specs, unet_config)
 
     parts: dict[str, dict[str, str]] = {}
     module_of: dict[str, str] = {}
@@ -370,14 +261,17 @@ def parse_lora_state_dict(
     for name, (key, tensor) in named.items():
         match = _PEFT_KEY.match(name)
         if match is None:
-            problems.append((key, f"does not fit the {layout} layout (<unet|text_encoder|text_encoder_2>.<module>."
-                                  "lora.down.weight / lora.up.weight / lora_A.weight / lora_B.weight / alpha)"))
+            renamed = "" if name == key else f" (diffusers renames it {name!r})"
+            problems.append((key, f"does not fit the {layout} layout{renamed}: after diffusers' renaming every key must "
+                                  "be <unet|text_encoder|text_encoder_2>.<module>.lora_A.weight / lora_B.weight"))
             continue
         prefix, raw, role = match["prefix"], match["module"], _ROLES[match["suffix"]]
         module = raw if prefix == "unet" else f"{prefix}.{raw}"
         if module not in specs:
             where = "the UNet" if prefix == "unet" else prefix
-            hint = " (LDM/sgm block names)" if raw.startswith(_SGM_BLOCKS) else ""
+            hint = " (LDM/sgm block names)" if raw.startswith(SGM_BLOCKS) else ""
+            if not key.startswith(f"{prefix}.{raw}."):
+                hint += f" (diffusers maps it to {raw!r})"
             problems.append((key, f"names no nn.Linear or nn.Conv2d module of {where}{hint}"))
         elif not isinstance(tensor, torch.Tensor):
             problems.append((key, f"is a {type(tensor).__name__}, not a tensor"))
@@ -387,7 +281,9 @@ def parse_lora_state_dict(
         else:
             parts[module][role] = key
             module_of[key] = module
-    _fail("LoRA keys do not match the model", problems)
+    if not any(parts.values()):
+        fail("the LoRA targets no layer of this model (is it made for another base model?)", problems)
+    fail("LoRA keys do not match the model", problems)
     for alpha_key, down_key in alphas.items():
         parts[module_of[down_key]]["alpha"] = alpha_key
 
@@ -396,7 +292,7 @@ def parse_lora_state_dict(
             missing = "up" if "down" in roles else "down"
             present = [roles[r] for r in ("down", "up", "alpha") if r in roles]
             problems += [(k, f"module {module!r} has no {missing} weight") for k in present]
-    _fail("incomplete LoRA modules", problems)
+    fail("incomplete LoRA modules", problems)
 
     order = {name: i for i, name in enumerate(specs)}
     modules: dict[str, LoraModuleWeights] = {}
@@ -421,7 +317,7 @@ def parse_lora_state_dict(
             elif not math.isfinite(alpha := float(value.reshape(()).item())) or alpha <= 0:
                 problems.append((key, f"alpha must be finite and > 0, got {alpha}"))
         modules[module] = LoraModuleWeights(module, down, up, alpha)
-    _fail("invalid LoRA weights", problems)
+    fail("invalid LoRA weights", problems)
     return reported, modules
 
 
@@ -445,7 +341,10 @@ def read_lora_file(path: str | os.PathLike, specs: dict[str, ModuleSpec], unet_c
         state_dict = safetensors.torch.load(data)
     except (safetensors.SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise LoraFormatError(f"{path}: not a readable safetensors file ({e})") from e
-    layout, modules = parse_lora_state_dict(state_dict, specs, unet_config)
+    try:
+        layout, modules = parse_lora_state_dict(state_dict, specs, unet_config)
+    except LoraFormatError as e:
+        raise LoraFormatError(f"{path}: {e}", keys=e.keys) from e
     return LoraFile(layout, modules, hashlib.sha256(data).hexdigest(), path)
 
 

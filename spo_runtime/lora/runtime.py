@@ -37,7 +37,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from spo_runtime.errors import AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, LoraFormatError
-from spo_runtime.lora.format import LoraFile, LoraModuleWeights, is_text_encoder_module, module_specs_of, read_lora_file
+from spo_runtime.lora.format import (PARTS, LoraFile, LoraModuleWeights, is_text_encoder_module, module_part,
+                                      module_specs_of, read_lora_file)
 
 
 class LoraContext:
@@ -146,6 +147,14 @@ class Adapter:
     def has_text_encoder(self) -> bool:
         return any(is_text_encoder_module(m) for m in self.modules)
 
+    @property
+    def layers_by_part(self) -> dict[str, int]:
+        """How many layers the adapter targets in each part: {'unet': n, 'text_encoder': n, 'text_encoder_2': n}."""
+        counts = dict.fromkeys(PARTS, 0)
+        for m in self.modules:
+            counts[module_part(m)] += 1
+        return counts
+
     def info(self, show_source: bool = True) -> dict:
         te = self.text_encoder_modules
         return {
@@ -157,6 +166,7 @@ class Adapter:
             "layers": len(self.modules),
             "unet_layers": len(self.modules) - len(te),
             "text_encoder_layers": len(te),
+            "layers_by_part": self.layers_by_part,
             "memory_bytes": self.nbytes,
             "sha256": self.sha256,
             **({"source": self.source} if show_source else {}),
