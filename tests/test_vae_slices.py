@@ -48,3 +48,19 @@ def test_slices_concatenate_to_the_whole_and_halve_on_oom():
         decode_in_slices(OomAbove(0), z[:1], 8)
     with pytest.raises(ValueError):  # other errors are not retried
         decode_in_slices(lambda t: (_ for _ in ()).throw(ValueError("bad")), z, 8)
+
+
+def test_a_sliced_decode_equals_the_whole_batch(tiny_dir):
+    """The tiny pipeline with SPO_VAE_DECODE_BATCH=1 and 2 gives the images of one VAE call (within 1/255)."""
+    import numpy as np
+
+    from spo_runtime import Settings, load_pipeline
+
+    requests = [{"prompt": f"a fox {i}", "seed": i, "num_inference_steps": 2} for i in range(3)]
+    images = {}
+    for k in (None, 1, 2):
+        pipe = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), vae_decode_batch=k))
+        assert pipe.info()["speed"]["vae_decode_batch"] == k
+        images[k] = [np.asarray(r.image, dtype=np.int16) for r in pipe.generate(requests)]
+    for k in (1, 2):
+        assert max(int(np.abs(a - b).max()) for a, b in zip(images[None], images[k])) <= 1

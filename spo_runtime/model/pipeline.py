@@ -55,6 +55,7 @@ class SpoPipeline:
                                      settings.embed_cache_size, parts.get("force_zeros_for_empty_prompt", True))
         self.denoiser = Denoiser(unet, self.registry, device, dtype)
         self.codec = VaeCodec(vae, device, dtype)
+        self.codec.max_rows = settings.vae_decode_batch
         self.default_lora_scale = float(settings.lora_scale)
         self.default_adapter: str | None = None
         if parts.get("lora") is not None:

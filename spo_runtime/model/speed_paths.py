@@ -136,6 +136,7 @@ class SpeedPaths:
                               "vae": list(codec.buckets) if codec.buckets else None},
             "quant": self.quant,
             "lora_row_subset": den.registry.row_subset_share,
+            "vae_decode_batch": codec.max_rows,  # None: slices sized by free device memory
         }
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from spo_runtime.errors import NonFiniteError
+from spo_runtime.model.vae_slices import decode_in_slices, rows_per_slice
 from spo_runtime.sampling.sampler import SamplerRow, add_noise, img2img_start, initial_noise
 from spo_runtime.speed import compiling
 
@@ -49,6 +50,7 @@ class VaeCodec:
         self.dtype = dtype
         self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)  # image pixels per latent pixel, each side
         self.buckets: tuple[int, ...] | None = None  # SPO_BATCH_BUCKETS: decode batches padded to these sizes
+        self.max_rows: int | None = None  # SPO_VAE_DECODE_BATCH; None: slices sized by free device memory
         self.compiled = False
         self._decoder = self._decode
         self._preview_map: torch.Tensor | None = None
@@ -88,12 +90,19 @@ class VaeCodec:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, seeds: list[int]) -> list[Image.Image | NonFiniteError]:
-        """(N, C, h, w) latents in the UNet's scale -> N RGB images in one VAE call (padded to a bucket); a row
+        """(N, C, h, w) latents in the UNet's scale -> N RGB images, in VAE calls of as many rows as free memory
+        (or SPO_VAE_DECODE_BATCH) allows, each padded to a bucket, halved on out of memory (`vae_slices`); a row
         whose latent or decoded image holds NaN or Inf gets a NonFiniteError naming its seed instead."""
         n = len(latents)
         bad = ~torch.isfinite(latents).flatten(1).all(dim=1)
         z = from_unet(latents.to(self.vae.dtype), self.vae.config)
-        img = self._decoder(compiling.pad_rows(z, compiling.bucket(n, self.buckets)))[:n]
+        pixels = z.shape[2] * z.shape[3] * self.downscale ** 2
+        rows = rows_per_slice(n, pixels, self.vae.dtype, self.device, self.max_rows)
+
+        def padded(zs: torch.Tensor) -> torch.Tensor:
+            return self._decoder(compiling.pad_rows(zs, compiling.bucket(len(zs), self.buckets)))[: len(zs)]
+
+        img = decode_in_slices(padded, z, rows, on_oom=_empty_cache)
         bad |= ~torch.isfinite(img).flatten(1).all(dim=1)
         # diffusers' VaeImageProcessor.postprocess: [-1, 1] -> [0, 1] -> round(x * 255)
         arr = (img / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
@@ -133,3 +142,8 @@ class VaeCodec:
         target = torch.nn.functional.adaptive_avg_pool2d((chart * 2 - 1)[None], (h, w))[0].reshape(3, -1)
         a = torch.cat([z.reshape(c, -1), torch.ones(1, h * w)])  # (C + 1, N)
         return torch.linalg.lstsq(a.T, target.T).solution.T  # (3, C + 1)
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
