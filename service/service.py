@@ -69,6 +69,7 @@ BODIES = generation_bodies(_size_range(SETTINGS))
 @bentoml.service(
     name="spo-serve",
     workers=workers.server_workers(SETTINGS),  # SPO_WORKERS=auto: one per visible GPU
+    resources=workers.server_resources(SETTINGS),  # {"gpu": n} where the model runs on GPUs (workers.resources)
     traffic={"timeout": 900, "max_concurrency": 512},
 )
 class SPOService:

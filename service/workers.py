@@ -99,6 +99,22 @@ def server_workers(settings) -> int:
     return worker_count(settings.workers, settings.device, gpu_count() if settings.workers == AUTO else 0)
 
 
+def resources(model: str, device: str | None, gpus: int) -> dict:
+    """The `resources=` of the BentoML service, so that `bentoml build` and a deployment ask for GPUs where the
+    served model runs on them: {"gpu": n} for sdxl-spo and sdxl-random (and `auto` with CUDA), n the visible GPUs
+    (at least 1: a bento built on a CPU machine still asks for one). With n visible, BentoML's allocator gives
+    every worker CUDA_VISIBLE_DEVICES=0..n-1, the identity, so each worker's binding above is unchanged; a set
+    CUDA_VISIBLE_DEVICES is left alone. None for the tiny model, or a device the operator pinned (SPO_DEVICE):
+    the allocator would otherwise hide that device behind CUDA_VISIBLE_DEVICES=0."""
+    if pinned(device) or model == "tiny" or (model == "auto" and gpus == 0):
+        return {}
+    return {"gpu": max(1, gpus)}
+
+
+def server_resources(settings) -> dict:
+    return resources(settings.model, settings.device, gpu_count())
+
+
 def worker_index() -> int | None:
     import bentoml
 

@@ -56,6 +56,17 @@ def test_integer_workers_spread_round_robin_over_the_gpus():
     assert [w["device"] for w in workers.plan(3, None, 1, environ={})] == ["cuda:0"] * 3
 
 
+def test_resources_ask_for_the_gpus_a_gpu_model_uses():
+    assert workers.resources("sdxl-spo", None, 8) == {"gpu": 8}  # BentoML then sets CUDA_VISIBLE_DEVICES=0..7
+    assert workers.resources("sdxl-random", "cuda", 2) == {"gpu": 2}
+    assert workers.resources("sdxl-spo", None, 0) == {"gpu": 1}  # a bento built on a CPU machine asks for one
+    assert workers.resources("auto", None, 1) == {"gpu": 1}
+    assert workers.resources("auto", None, 0) == {}  # the CPU demo
+    assert workers.resources("tiny", None, 4) == {}
+    assert workers.resources("sdxl-spo", "cuda:3", 8) == {}  # a pinned device is the operator's: not hidden
+    assert workers.resources("sdxl-spo", "cpu", 8) == {}
+
+
 def test_pinned_device_and_cpu():
     # SPO_DEVICE names one device: every worker binds it, and auto means one worker
     assert devices(workers.plan("auto", "cuda:1", 8, environ={})) == [(1, "cuda:1", "1")]
