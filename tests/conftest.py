@@ -1,13 +1,20 @@
-"""Shared fixtures: the tiny model saved once per session, our pipeline and diffusers' on it."""
+"""Shared fixtures and helpers: the tiny model saved once per session, our pipeline and diffusers' on it, one
+intra-op thread, image comparison, polling.
+
+tests/ is on sys.path (pyproject's pytest `pythonpath`), so test files in the folders below import
+`from conftest import ...` and `from server import ...`."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -40,12 +47,44 @@ def diffusers_pipe(tiny_dir):
     return p
 
 
-def pixels(img) -> np.ndarray:
-    return np.asarray(img, dtype=np.int16)
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared 2-core machine two OpenMP threads make tiny steps and
+    training rounds many times slower (spinning workers wait for a descheduled one; benchmarks/RESULTS.md,
+    contention). Modules take it with `pytestmark = pytest.mark.usefixtures("one_thread")`, which sets it
+    up before their module fixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pixels(image) -> np.ndarray:
+    """An image as int16 RGB pixels (differences do not wrap): a PIL image, encoded bytes (PNG, JPEG, WebP)
+    as an HTTP answer carries them, or an array."""
+    from PIL import Image
+
+    if isinstance(image, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(image))
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.int16)
 
 
 def max_pixel_diff(a, b) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def wait_until(predicate, timeout: float = 30.0, every: float = 0.05):
+    """Poll `predicate` until it returns something true, and return that; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {predicate}")
+        time.sleep(every)
 
 
 def system_tool(name: str, package: str) -> str:

@@ -3,12 +3,11 @@ failures, images equal to the pipeline's. Scheduling decisions (fairness, FIFO, 
 are tested step by step, without a thread, in test_scheduler.py."""
 
 import asyncio
-import time
 
 import pytest
 import torch
 
-from conftest import max_pixel_diff
+from conftest import max_pixel_diff, wait_until as poll
 from spo_runtime import AdapterInUseError, Settings, load_pipeline
 from spo_runtime.engine import Engine, EngineConfig
 from spo_runtime.errors import DeadlineExceededError, EngineUnavailableError, QueueFullError, RequestCancelledError
@@ -26,11 +25,7 @@ def make_engine(pipe, **cfg):
 
 
 def wait_until(cond, timeout=30.0):
-    t0 = time.time()
-    while not cond():
-        if time.time() - t0 > timeout:
-            raise TimeoutError
-        time.sleep(0.002)
+    return poll(cond, timeout, every=0.002)  # fine-grained: these wait for step counts
 
 
 def test_late_request_joins_the_running_batch_and_images_match_alone(epipe):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 from prometheus_client import CollectorRegistry
 
 from conftest import max_pixel_diff, pixels
@@ -19,14 +18,7 @@ from spo_runtime.faults import Faults
 from spo_runtime.metrics import Metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads make tiny steps many times
-    slower (spinning workers wait for a descheduled one); see benchmarks/RESULTS.md, contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for the module
 
 
 @pytest.fixture(scope="module")

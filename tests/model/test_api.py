@@ -14,7 +14,7 @@ from conftest import max_pixel_diff
 from spo_runtime import ConfigError, GenerationRequest, InvalidRequestError, ModelLoadError, NonFiniteError, Settings, load_pipeline
 from spo_runtime.model.presets import resolve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

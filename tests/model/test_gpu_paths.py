@@ -1,6 +1,6 @@
 """The GPU speed paths on CPU (issue 18): their settings, batch buckets, LoRA row subsets, the compile cache,
 the SDPA pick, FP8 (torchao's float8 on CPU) and its refusal. Compiled images against eager run in the GPU
-suite's smoke (tests/test_gpu_suite.py), which shares its graph tracing with this file's budget."""
+suite's smoke (tests/deploy/test_gpu_suite.py), which shares its graph tracing with this file's budget."""
 
 import numpy as np
 import pytest

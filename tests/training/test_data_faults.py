@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from spo_runtime import Settings, load_pipeline
 from spo_runtime.faults import Faults
@@ -28,14 +27,7 @@ SMALL = dict(rank=2, alpha=2, num_inference_steps=2, chunk=2, train_t_max=999, t
              scorer="brightness")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads make these tiny rounds 20x
-    slower (spinning workers wait for a descheduled one); the figures are in benchmarks/RESULTS.md."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for the module
 
 
 # -- admin_state.json -----------------------------------------------------------------------------

@@ -12,25 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.training.jobs import FINAL, JobNotFoundError, JobStore, Supervisor
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def store(tmp_path):
     return JobStore(tmp_path / "data", tmp_path / "adapters")
-
-
-def wait_until(predicate, timeout=30.0, every=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"not true within {timeout}s")
 
 
 def alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ from spo_runtime.errors import InvalidRequestError
 from spo_runtime.training.jobs import JobStore
 from spo_runtime.training.trainer import SPOTrainer, TrainConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a fox", "a castle", "an owl", "a city at night", "a red car", "a portrait"]
 # 2 ranks x 1 prompt, 8 pairs per optimiser step: micro-batch 2 x accumulation 2 on each of 2 ranks;
 # one process: 2 prompts, micro-batch 2 x accumulation 4.
@@ -47,14 +47,6 @@ def run_job(tmp_path, job_id, env) -> subprocess.CompletedProcess:
     d = tmp_path / "data" / "jobs" / job_id
     return subprocess.run([sys.executable, "-m", "spo_runtime", "train-job", str(d), "--adapter-dir", str(tmp_path / "adapters")],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_two_ranks_equal_one_process_and_a_killed_rank_fails_then_resumes(tiny_dir, tmp_path, one_thread):
