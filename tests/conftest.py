@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: the tiny model saved once per session, our pipeline and diffusers' on it, one
-intra-op thread, image comparison, polling.
+intra-op thread, image comparison, polling; and (from server.py) the `bentoml serve` instances that test
+modules share, one per configuration.
 
 tests/ is on sys.path (pyproject's pytest `pythonpath`), so test files in the folders below import
 `from conftest import ...` and `from server import ...`."""
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from server import adapter_dir, standard_server  # noqa: F401  (session fixtures, seen by pytest from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -97,3 +99,21 @@ def system_tool(name: str, package: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long the `bentoml serve` start-ups of this run took (tests/server.py's Server, this process)."""
+    from server import STARTUPS
+
+    if STARTUPS:
+        each = ", ".join(f"{name} {s:.1f}" for name, s in STARTUPS)
+        terminalreporter.write_line(f"bentoml serve start-ups: {len(STARTUPS)}, {sum(s for _, s in STARTUPS):.1f} s "
+                                    f"to ready in all ({each})")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that takes a server fixture carries the `server` marker, so that `-m "not server"` (make
+    test-fast) never starts one."""
+    for item in items:
+        if {"standard_server", "server"} & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("server") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses a server fixture: mark it @pytest.mark.server")

@@ -1,7 +1,13 @@
 """Start a real `bentoml serve <target>` in a subprocess and speak HTTP to it.
 
 The one server harness of the repository: the test suite uses it for spo-serve, and the benchmarks
-(benchmarks/bench_serving.py) for spo-serve and the baseline services under benchmarks/baselines/.
+(benchmarks/bench_serving.py, soak.py, contention.py) for spo-serve and the baseline services under
+benchmarks/baselines/.
+
+For the test suite it also defines the servers that test modules share, as session-scoped pytest fixtures
+(tests/conftest.py imports them): one start-up per configuration instead of one per module. A test that
+changes a shared server's state (adapters, the default scale or adapter) puts it back, or uses names no
+other test uses, so that the order of the tests does not matter.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from typing import Sequence
 
 import httpx
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPO_TARGET = "service.service:SPOService"
+
+
+STARTUPS: list[tuple[str, float]] = []  # (log file name, seconds to ready) of every start in this process
 
 
 def free_port() -> int:
@@ -51,6 +61,7 @@ class Server:
         self.log = None
         self.proc: subprocess.Popen | None = None
         self.ready_history: list[int] = []
+        self.startup_s: float | None = None  # from the process start to the first 200 of ready_path
 
     def start(self, timeout: float = 180.0) -> Server:
         self.log = open(self.log_path, "ab")
@@ -67,6 +78,8 @@ class Server:
                 code = httpx.get(self.url + self.ready_path, timeout=2).status_code
                 self.ready_history.append(code)
                 if code == 200:
+                    self.startup_s = time.time() - t0
+                    STARTUPS.append((self.log_path.name, self.startup_s))
                     return self
             except httpx.HTTPError:
                 self.ready_history.append(0)
@@ -152,3 +165,54 @@ def _signal(p: psutil.Process, sig: int) -> None:
         p.send_signal(sig)
     except psutil.NoSuchProcess:
         pass
+
+
+# -- servers shared by test modules (pytest fixtures) ---------------------------------------------
+
+ADMIN_TOKEN = "standard-admin-token"
+API_TOKEN = "standard-api-token"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+API_AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_dir, tmp_path_factory):
+    """SPO_ADAPTER_DIR of the standard server: the tiny LoRA (webui layout) as tiny_webui.safetensors and a
+    conv-targeting adapter as sub/conv.safetensors; ../outside.safetensors lies outside it."""
+    import torch
+
+    from spo_runtime import Settings, load_pipeline
+    from spo_runtime.lora.format import LoraModuleWeights, module_specs, save_lora_file
+
+    d = tmp_path_factory.mktemp("adapters")
+    (d / "tiny_webui.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())
+    p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
+    specs = module_specs(p.unet)
+    g = torch.Generator().manual_seed(5)
+    mods = {}
+    for m in [m for m in specs if m.endswith(("resnets.0.conv1", "attn2.to_v", "ff.net.2"))]:
+        sp = specs[m]
+        k = sp.kernel_size if sp.kind == "conv" else ()
+        down = torch.randn(4, sp.in_features, *k, generator=g) * 0.1
+        up = torch.randn(sp.out_features, 4, *((1, 1) if k else ()), generator=g) * 0.3
+        mods[m] = LoraModuleWeights(m, down, up, 4.0)
+    (d / "sub").mkdir()
+    save_lora_file(d / "sub" / "conv.safetensors", mods, "diffusers")
+    (d.parent / "outside.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())
+    return d
+
+
+@pytest.fixture(scope="session")
+def standard_server(adapter_dir, tmp_path_factory):
+    """The server of the HTTP tests whose configurations agree (tests/service/: test_service, test_openai,
+    test_a1111, test_stream, test_contract, and test_train_service's first test): the tiny preset with
+    SPO_ADMIN_TOKEN (ADMIN_TOKEN) and SPO_API_TOKEN (API_TOKEN: generation routes need it), the adapter_dir
+    above, at most 16 waiting images and batches of 8, one torch thread (a training job it runs, and the
+    test client, keep a core). `.data` is its SPO_DATA_DIR. Configurations that differ (faults, drain,
+    restarts, two workers, other limits, Prometheus' port) start their own."""
+    root = tmp_path_factory.mktemp("standard")
+    env = {"SPO_DATA_DIR": str(root / "data"), "SPO_ADAPTER_DIR": str(adapter_dir), "SPO_ADMIN_TOKEN": ADMIN_TOKEN,
+           "SPO_API_TOKEN": API_TOKEN, "SPO_MAX_QUEUE": "16", "SPO_MAX_BATCH": "8", "SPO_TORCH_THREADS": "1"}
+    with Server(env, root / "server.log") as s:
+        s.data = root / "data"
+        yield s

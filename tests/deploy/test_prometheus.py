@@ -142,6 +142,7 @@ class Prometheus:
         self.log.close()
 
 
+@pytest.mark.server
 def test_prometheus_scrapes_a_live_server_and_answers_promql(tmp_path):
     # Prometheus first: its scrape manager applies new targets only every 5 s, which then overlaps the model load
     port = free_port()

@@ -1,7 +1,8 @@
 """The AUTOMATIC1111 API against the real `bentoml serve`, spoken by `webuiapi` (pinned in requirements.txt,
 used unchanged, with HTTP Basic auth as A1111's --api-auth): txt2img with `<lora:spo:0.6>` equals /generate
 with adapter spo at scale 0.6, img2img equals /generate's img2img, the answer's info and PNG chunk, the
-refusals that name the field, the listing routes, progress and interrupt."""
+refusals that name the field, the listing routes, progress and interrupt. The server is tests/server.py's
+standard one."""
 
 from __future__ import annotations
 
@@ -17,19 +18,17 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from server import Server
+from conftest import pixels
+from server import ADMIN_TOKEN, API_TOKEN
 
-TOKEN = "a1111-api-token"
-ADMIN = "a1111-admin-token"
+TOKEN = API_TOKEN
+ADMIN = ADMIN_TOKEN
 BASIC = ("any-user", TOKEN)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("a1111")
-    env = {"SPO_DATA_DIR": str(data), "SPO_API_TOKEN": TOKEN, "SPO_ADMIN_TOKEN": ADMIN}
-    with Server(env, data / "server.log") as s:
-        yield s
+def server(standard_server):
+    return standard_server
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +37,13 @@ def api(server):
                              password=BASIC[1])
 
 
-def pixels(image) -> np.ndarray:
-    if isinstance(image, bytes):
-        image = Image.open(io.BytesIO(image))
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
 def generate(server, **body) -> bytes:
     r = httpx.post(server.url + "/generate", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
     assert r.status_code == 200, r.text
     return r.content
 
 
+@pytest.mark.server
 def test_txt2img_with_a_lora_tag_equals_generate(server, api):
     result = api.txt2img(prompt="a castle at dusk <lora:spo:0.6>", negative_prompt="", seed=40, steps=3, cfg_scale=6,
                          width=64, height=64, eta=0, batch_size=2)
@@ -67,6 +61,7 @@ def test_txt2img_with_a_lora_tag_equals_generate(server, api):
     assert result.parameters["prompt"] == "a castle at dusk <lora:spo:0.6>"
 
 
+@pytest.mark.server
 def test_img2img_equals_generates_img2img(server, api):
     rng = np.random.default_rng(1)
     init = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
@@ -93,6 +88,7 @@ def test_img2img_equals_generates_img2img(server, api):
     ({"cfg_scale": 50}, "cfg_scale", "0..30"),  # our model's names are given back as A1111's
     ({"prompt": "a <lora:nope:0.5>"}, "prompt", "'nope' is not loaded"),
 ])
+@pytest.mark.server
 def test_refusals_name_the_field(server, body, field, needle):
     full = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "sampler_name": "DDIM", "enable_hr": False,
             "hr_scale": 2, "denoising_strength": 0.7, "tiling": False, **body}
@@ -101,6 +97,7 @@ def test_refusals_name_the_field(server, body, field, needle):
     assert r.json()["field"] == field and needle in r.json()["detail"], r.json()
 
 
+@pytest.mark.server
 def test_auth_listings_progress_and_interrupt(server, api):
     r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "a"}, timeout=30)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Basic"

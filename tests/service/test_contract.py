@@ -1,6 +1,7 @@
 """The HTTP contract against the real `bentoml serve`: the schema /docs.json publishes (bounds, enums,
 declared responses), strict JSON types, the one error body, non-JSON bodies, configuration errors at
-start, and a schemathesis run over /generate and /generate_batch."""
+start, and a schemathesis run over /generate and /generate_batch. The server is tests/server.py's standard one
+(generation requests carry its API token)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,26 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server import ROOT, Server
+from server import ADMIN_AUTH, API_AUTH, ROOT
 from spo_runtime.errors import ConfigError
 from spo_runtime.settings import Settings
 
 FUZZ_SECONDS = 60
+# A short deadline bounds the fuzzer's slowest cases (100 steps at 256x256): they end as 504s that the
+# request's deadline explains. The server's own is SPO_REQUEST_TIMEOUT_S's default (the standard server is
+# shared), and a request's deadline is the smaller of the two: each positive case asks for at most this.
+DEADLINE_S = 4.0
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("contract")
-    # A short server-side deadline bounds the fuzzer's slowest cases (100 steps at 256x256): they end
-    # as 504s that the request's deadline explains.
-    env = {"SPO_DATA_DIR": str(data), "SPO_REQUEST_TIMEOUT_S": "4", "SPO_MAX_QUEUE": "16"}
-    with Server(env, data / "server.log") as s:
-        yield s
+def server(standard_server):
+    return standard_server
 
 
-def post(server, path, **kw):
-    return httpx.post(server.url + path, timeout=60, **kw)
+def post(server, path, auth=True, **kw):
+    """POST with the API token (`auth=False`: none), and any headers given over it."""
+    headers = {**(API_AUTH if auth else {}), **kw.pop("headers", {})}
+    return httpx.post(server.url + path, timeout=60, headers=headers, **kw)
 
 
 def assert_error(resp, status, field):
@@ -48,6 +50,7 @@ def assert_error(resp, status, field):
 # -- the published schema --------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_docs_publish_bounds_enums_and_responses(server):
     doc = httpx.get(server.url + "/docs.json", timeout=30).json()
     for route in ("/generate", "/generate_batch"):
@@ -94,6 +97,7 @@ def test_docs_publish_bounds_enums_and_responses(server):
     ("timeout_s", 0, "(0, 3600]"),
     ("extra", 1, "unknown field"),
 ])
+@pytest.mark.server
 def test_strict_types_and_bounds_are_400s_naming_the_field(server, field, value, needle):
     for route, extra in (("/generate", {}), ("/generate_batch", {"n": 2})):
         body = assert_error(post(server, route, json={"prompt": "a cat", "num_inference_steps": 2, **extra, field: value}),
@@ -101,6 +105,7 @@ def test_strict_types_and_bounds_are_400s_naming_the_field(server, field, value,
         assert needle in body["error"], body
 
 
+@pytest.mark.server
 def test_cross_field_rules_are_400s_naming_the_field(server):
     assert_error(post(server, "/generate", json={"prompt": "a", "scheduler": "euler", "eta": 0.5}), 400, "eta")
     body = assert_error(post(server, "/generate_batch", json={"prompt": "a", "n": 4, "seed": 2**32 - 2}), 400, "seed")
@@ -118,6 +123,7 @@ def test_cross_field_rules_are_400s_naming_the_field(server):
     ("application/xml", b"<prompt>a cat</prompt>"),
     ("text/plain", b"a cat"),
 ])
+@pytest.mark.server
 def test_bodies_that_are_not_json_are_415(server, content_type, data):
     for route in ("/generate", "/generate_batch"):
         resp = post(server, route, content=data, headers={"content-type": content_type})
@@ -125,20 +131,22 @@ def test_bodies_that_are_not_json_are_415(server, content_type, data):
 
 
 @pytest.mark.parametrize("data", [b"{", b"[1, 2]", b"\"a cat\"", b"null", b"\xff\xfe"])
+@pytest.mark.server
 def test_malformed_json_is_400_naming_the_body(server, data):
     resp = post(server, "/generate", content=data, headers={"content-type": "application/json"})
     assert_error(resp, 400, "body")
 
 
+@pytest.mark.server
 def test_framework_errors_have_the_same_shape(server):
     assert_error(httpx.get(server.url + "/no/such/route", timeout=10), 404, None)
     assert_error(httpx.get(server.url + "/generate", timeout=10), 405, None)
-    assert_error(post(server, "/admin/lora_scale", json={"scale": "1"}), 401, "authorization")  # closed by default
-    token = (Path(server.env["SPO_DATA_DIR"]) / "admin_token").read_text().strip()
-    assert_error(post(server, "/admin/lora_scale", json={"scale": "1"}, headers={"Authorization": f"Bearer {token}"}),
-                 400, "scale")
+    # closed without the admin token (as it is by default: test_lifecycle's server has no SPO_ADMIN_TOKEN)
+    assert_error(post(server, "/admin/lora_scale", auth=False, json={"scale": "1"}), 401, "authorization")
+    assert_error(post(server, "/admin/lora_scale", json={"scale": "1"}, headers=ADMIN_AUTH), 400, "scale")
 
 
+@pytest.mark.server
 def test_valid_request_still_answers_the_image(server):
     resp = post(server, "/generate", json={"prompt": "a cat", "num_inference_steps": 2, "seed": 3, "guidance_scale": 5})
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/png" and resp.headers["x-seed"] == "3"
@@ -167,6 +175,7 @@ def test_config_error_never_echoes_a_token():
     assert "short" not in str(e.value) and e.value.variable == "SPO_ADMIN_TOKEN"
 
 
+@pytest.mark.server
 def test_server_exits_at_start_with_one_line_naming_the_variable(tmp_path):
     bentoml = Path(sys.executable).with_name("bentoml")
     env = {**os.environ, "SPO_MODEL": "tiny", "SPO_MAX_QUEUE": "-3", "BENTOML_DO_NOT_TRACK": "true",
@@ -184,10 +193,13 @@ def test_server_exits_at_start_with_one_line_naming_the_variable(tmp_path):
 # -- schemathesis ----------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_schemathesis_finds_no_failures(server, tmp_path, monkeypatch):
     """Positive and negative cases generated from /docs.json for both generation routes, about 60 s in
     all, with the four checks the contract promises. A 503/504 passes `not_a_server_error` only when
-    overload (Retry-After) or the request's own deadline (an error naming timeout_s) explains it."""
+    overload (Retry-After) or the request's own deadline (an error naming timeout_s) explains it.
+    A positive case's timeout_s is capped at DEADLINE_S, the deadline a server with SPO_REQUEST_TIMEOUT_S=4
+    would give it; negative cases go as generated."""
     from hypothesis import HealthCheck, Phase, given, settings
     import schemathesis
     from schemathesis.checks import not_a_server_error
@@ -211,7 +223,9 @@ def test_schemathesis_finds_no_failures(server, tmp_path, monkeypatch):
             def run(case):
                 if time.monotonic() > t_end:
                     return  # the time budget is spent: the remaining examples are not sent
-                resp = case.call(base_url=server.url, timeout=30)
+                if mode is GenerationMode.POSITIVE and isinstance(case.body, dict):
+                    case.body["timeout_s"] = min(case.body.get("timeout_s") or DEADLINE_S, DEADLINE_S)
+                resp = case.call(base_url=server.url, timeout=30, headers=API_AUTH)
                 seen[f"{route} {mode.value} {resp.status_code}"] = seen.get(f"{route} {mode.value} {resp.status_code}", 0) + 1
                 excluded = []
                 if resp.status_code in (503, 504):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from server import Server
 
+pytestmark = pytest.mark.server
 API = "api-token-123456"
 
 
@@ -47,6 +48,7 @@ def test_admin_token_file_is_created_private_and_required(server, data):
     # loopback is no longer trusted
     r = httpx.get(server.url + "/admin/adapters", timeout=10)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and r.json()["detail"][0]["loc"] == ["authorization"]
+    assert set(r.json()) == {"error", "status", "detail"} and r.json()["status"] == 401  # the one error body
     assert httpx.get(server.url + "/admin/adapters", headers=bearer("wrong-token-1234"), timeout=10).status_code == 401
     assert httpx.get(server.url + "/train/list", timeout=10).status_code == 401
     r = httpx.get(server.url + "/admin/adapters", headers=bearer(token), timeout=10)

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from server import ROOT, Server
 
+pytestmark = pytest.mark.server
 TOKEN = "load-token-456"
 USERS = 6
 RUN_S = 20

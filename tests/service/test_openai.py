@@ -1,7 +1,7 @@
 """The OpenAI Images API against the real `bentoml serve`, spoken by the `openai` SDK itself (pinned in
 requirements.txt, used unchanged, `base_url` at the server's /v1): images decode, n and size hold, a bad
 size is `openai.BadRequestError`, `url` results download (then expire), edits run img2img, the API key
-is SPO_API_TOKEN, errors have OpenAI's shape."""
+is SPO_API_TOKEN, errors have OpenAI's shape. The server is tests/server.py's standard one."""
 
 from __future__ import annotations
 
@@ -16,28 +16,21 @@ import openai
 import pytest
 from PIL import Image
 
-from server import Server
+from conftest import pixels
+from server import API_TOKEN
 
-TOKEN = "openai-api-token"
+TOKEN = API_TOKEN
 FAST = {"num_inference_steps": 3}  # ours, through the SDK's extra_body
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("openai")
-    env = {"SPO_DATA_DIR": str(data), "SPO_API_TOKEN": TOKEN, "SPO_ADMIN_TOKEN": "openai-admin-token"}
-    with Server(env, data / "server.log") as s:
-        s.data = data
-        yield s
+def server(standard_server):
+    return standard_server
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
 def generate(server, **body) -> bytes:
@@ -46,6 +39,7 @@ def generate(server, **body) -> bytes:
     return r.content
 
 
+@pytest.mark.server
 def test_generations_n_size_and_the_served_model(server, client):
     resp = client.images.generate(model="dall-e-3", prompt="a red fox", n=2, size="64x32", quality="hd",
                                   style="vivid", user="tester", extra_body={"seed": 11, **FAST})
@@ -59,6 +53,7 @@ def test_generations_n_size_and_the_served_model(server, client):
     assert {"/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/progress"} <= set(paths)
 
 
+@pytest.mark.server
 def test_bad_size_and_other_errors_in_openais_shape(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="a fox", size="1024x1024")
@@ -75,6 +70,7 @@ def test_bad_size_and_other_errors_in_openais_shape(server, client):
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.server
 def test_url_results_download_then_expire(server, client):
     resp = client.images.generate(prompt="a blue bird", response_format="url", extra_body={"seed": 5, **FAST})
     url = resp.data[0].url
@@ -90,6 +86,7 @@ def test_url_results_download_then_expire(server, client):
     assert httpx.get(server.url + "/v1/images/files/" + "0" * 32, timeout=30).status_code == 404
 
 
+@pytest.mark.server
 def test_edits_are_img2img_and_masks_are_refused(server, client):
     rng = np.random.default_rng(0)
     buf = io.BytesIO()

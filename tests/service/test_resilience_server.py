@@ -23,6 +23,7 @@ from PIL import Image
 
 from server import Server
 
+pytestmark = pytest.mark.server
 TOKEN = "resilience-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DAMAGED = b'{"version": 3, "default_lora_scale": 0.5, "adapters": {"x": '  # cut off mid-write
@@ -144,7 +145,7 @@ def test_soak_60s_zero_errors_flat_fds_and_threads(server, dirs):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import soak
 
     # warmed by the tests above; a 3 s probe and a 1 s idle wait keep this module within its time budget

@@ -1,10 +1,12 @@
-"""End to end over HTTP against the real `bentoml serve` (tiny preset), shared across tests."""
+"""End to end over HTTP against the real `bentoml serve` (tiny preset): the standard server of tests/server.py,
+shared with other modules; generation requests carry its API token, admin requests its admin token."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import shutil
 import threading
 import time
 
@@ -13,49 +15,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import Server
+from server import ADMIN_AUTH, ADMIN_TOKEN, API_AUTH, API_TOKEN, Server
 
-TOKEN = "test-token-123"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_dir, tmp_path_factory):
-    """SPO_ADAPTER_DIR with the tiny LoRA (webui layout) and a conv-targeting adapter."""
-    import torch
-
-    from spo_runtime import Settings, load_pipeline
-    from spo_runtime.lora.format import LoraModuleWeights, module_specs, save_lora_file
-
-    d = tmp_path_factory.mktemp("adapters")
-    (d / "tiny_webui.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())
-    p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
-    specs = module_specs(p.unet)
-    g = torch.Generator().manual_seed(5)
-    mods = {}
-    for m in [m for m in specs if m.endswith(("resnets.0.conv1", "attn2.to_v", "ff.net.2"))]:
-        sp = specs[m]
-        k = sp.kernel_size if sp.kind == "conv" else ()
-        down = torch.randn(4, sp.in_features, *k, generator=g) * 0.1
-        up = torch.randn(sp.out_features, 4, *((1, 1) if k else ()), generator=g) * 0.3
-        mods[m] = LoraModuleWeights(m, down, up, 4.0)
-    (d / "sub").mkdir()
-    save_lora_file(d / "sub" / "conv.safetensors", mods, "diffusers")
-    (d.parent / "outside.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())
-    return d
+pytestmark = pytest.mark.server
+TOKEN = ADMIN_TOKEN
+AUTH = ADMIN_AUTH
 
 
 @pytest.fixture(scope="module")
-def server(adapter_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    env = {"SPO_DATA_DIR": str(data), "SPO_ADAPTER_DIR": str(adapter_dir), "SPO_ADMIN_TOKEN": TOKEN,
-           "SPO_MAX_QUEUE": "16", "SPO_MAX_BATCH": "8"}
-    with Server(env, data / "server.log") as s:
-        yield s
+def server(standard_server):
+    return standard_server
 
 
 def gen(server, timeout=120, **body):
-    return httpx.post(server.url + "/generate", json=body, timeout=timeout)
+    return httpx.post(server.url + "/generate", json=body, headers=API_AUTH, timeout=timeout)
 
 
 def img(resp) -> np.ndarray:
@@ -130,9 +103,29 @@ def test_late_request_finishes_before_the_long_batch(server):
     assert r.status_code == 200 and done["short"] < done["long"]
 
 
-def test_mixed_scales_and_adapters_in_one_batch(server):
+def load_conv(server):
     r = httpx.post(server.url + "/admin/adapters/load", json={"name": "conv", "file": "sub/conv.safetensors"}, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
+    return r
+
+
+def unload_conv(server):
+    """Back to the standard server's state: spo the default adapter at scale 1.0, conv not loaded."""
+    assert httpx.post(server.url + "/admin/default_adapter", json={"name": "spo"}, headers=AUTH).status_code == 200
+    assert httpx.post(server.url + "/admin/lora_scale", json={"scale": 1.0}, headers=AUTH).status_code == 200
+    r = httpx.post(server.url + "/admin/adapters/unload", json={"name": "conv"}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_mixed_scales_and_adapters_in_one_batch(server):
+    r = load_conv(server)
+    try:
+        _mixed_scales_and_adapters(server, r)
+    finally:
+        unload_conv(server)
+
+
+def _mixed_scales_and_adapters(server, r):
     from safetensors import safe_open
 
     with safe_open(str(server.env["SPO_ADAPTER_DIR"] + "/sub/conv.safetensors"), "pt") as f:
@@ -216,23 +209,24 @@ def test_scale_change_under_load(server):
 )
 def test_bad_input_is_400_naming_the_field(server, body, field):
     content = json.dumps(body, allow_nan=True)
-    r = httpx.post(server.url + "/generate", content=content, headers={"content-type": "application/json"})
+    r = httpx.post(server.url + "/generate", content=content, headers={"content-type": "application/json", **API_AUTH})
     assert r.status_code == 400, (r.status_code, r.text)
     detail = r.json()
     assert any(d["loc"][-1] == field for d in detail["detail"]), detail
 
 
 def test_oversized_body_and_batch_limits(server):
-    r = httpx.post(server.url + "/generate", json={"prompt": "x" * 70000})
+    r = httpx.post(server.url + "/generate", json={"prompt": "x" * 70000}, headers=API_AUTH)
     assert r.status_code == 400 and "65536 bytes" in r.json()["error"]
-    r = httpx.post(server.url + "/generate_batch", json={"prompt": "x", "n": 9})
+    r = httpx.post(server.url + "/generate_batch", json={"prompt": "x", "n": 9}, headers=API_AUTH)
     assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["n"]
-    r = httpx.post(server.url + "/generate_batch", json={"prompt": "x", "n": 3, "seed": 2**32 - 2})
+    r = httpx.post(server.url + "/generate_batch", json={"prompt": "x", "n": 3, "seed": 2**32 - 2}, headers=API_AUTH)
     assert r.status_code == 400 and "seed" in r.json()["error"]
 
 
 def test_generate_batch(server):
-    r = httpx.post(server.url + "/generate_batch", json={"prompt": "an owl", "n": 3, "seed": 50, "num_inference_steps": 4}, timeout=60)
+    r = httpx.post(server.url + "/generate_batch", json={"prompt": "an owl", "n": 3, "seed": 50, "num_inference_steps": 4},
+                   headers=API_AUTH, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["seeds"] == [50, 51, 52] and len(body["images"]) == 3
@@ -250,7 +244,7 @@ def test_queue_limit_gives_429_with_retry_after(server):
     before = server.metrics().get('spo_rejected_total{reason="queue_full"}', 0)
 
     async def go():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=server.url, headers=API_AUTH, timeout=120) as client:
             async def wait_for(cond):
                 for _ in range(1200):
                     engine = (await client.get("/info")).json()["engine"]
@@ -279,7 +273,8 @@ def test_queue_limit_gives_429_with_retry_after(server):
 def test_client_disconnect_frees_its_slot(server):
     async def go():
         async with httpx.AsyncClient() as client:
-            task = asyncio.ensure_future(client.post(server.url + "/generate", json={"prompt": "gone", "num_inference_steps": 100}, timeout=60))
+            task = asyncio.ensure_future(client.post(server.url + "/generate", json={"prompt": "gone", "num_inference_steps": 100},
+                                                     headers=API_AUTH, timeout=60))
             await asyncio.sleep(0.5)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -309,19 +304,23 @@ def test_admin_needs_the_token_and_paths_stay_inside(server):
     r = httpx.post(server.url + "/admin/adapters/unload", json={"name": "nope"}, headers=AUTH)
     assert r.status_code == 400
     adapter_dir = server.env["SPO_ADAPTER_DIR"]
-    assert adapter_dir not in httpx.get(server.url + "/info").text  # no host paths without the token
-    assert adapter_dir in httpx.get(server.url + "/info", headers=AUTH).text
+    load_conv(server)  # an adapter loaded from a file under it: /info has a host path to show or hide
+    try:
+        assert adapter_dir not in httpx.get(server.url + "/info").text  # no host paths without the token
+        assert adapter_dir in httpx.get(server.url + "/info", headers=AUTH).text
+    finally:
+        unload_conv(server)
 
 
 def test_bentoml_clients_get_a_pil_image(server):
     import bentoml
 
-    with bentoml.SyncHTTPClient(server.url) as client:
+    with bentoml.SyncHTTPClient(server.url, token=API_TOKEN) as client:
         im = client.generate(prompt="a cat", seed=3, num_inference_steps=3)
     assert isinstance(im, Image.Image) and im.size == (64, 64)
 
     async def go():
-        async with bentoml.AsyncHTTPClient(server.url) as client:
+        async with bentoml.AsyncHTTPClient(server.url, token=API_TOKEN) as client:
             return await client.generate(prompt="a cat", seed=3, num_inference_steps=3)
 
     im2 = asyncio.run(go())
@@ -329,6 +328,16 @@ def test_bentoml_clients_get_a_pil_image(server):
 
 
 def test_metrics_expose_every_series(server):
+    key = 'spo_images_total{scheduler="ddim",size="64x64"}'
+    short = 11 - int(server.metrics().get(key, 0))  # the tests before it made them; alone, it makes its own
+    while short > 0:
+        r = httpx.post(server.url + "/generate_batch", json={"prompt": "a count", "n": min(8, short), "num_inference_steps": 1},
+                       headers=API_AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        short -= min(8, short)
+    if not any(k.startswith("spo_rejected_total") for k in server.metrics()):  # and a refusal: its deadline
+        r = gen(server, prompt="too slow", num_inference_steps=100, timeout_s=0.05)
+        assert r.status_code == 504, r.text
     m = server.metrics()
     names = {k.split("{")[0] for k in m}
     for expected in ["spo_queue_depth", "spo_batch_size_count", "spo_step_seconds_count", "spo_queue_wait_seconds_count",
@@ -338,19 +347,26 @@ def test_metrics_expose_every_series(server):
     assert m['spo_images_total{scheduler="ddim",size="64x64"}'] > 10
 
 
-def test_admin_state_survives_a_restart_with_two_workers(server, adapter_dir, tmp_path):
-    """A second server on the same data dir (2 workers, no SPO_ADMIN_TOKEN: the token file the two workers
-    share) restores the state."""
-    r = httpx.post(server.url + "/admin/lora_scale", json={"scale": 0.6}, headers=AUTH)
-    assert r.status_code == 200
-    r = httpx.post(server.url + "/admin/default_adapter", json={"name": "conv"}, headers=AUTH)
-    assert r.status_code == 200
-    with open(server.env["SPO_DATA_DIR"] + "/admin_state.json") as fh:
-        recorded = json.load(fh)
+def test_admin_state_survives_a_restart_with_two_workers(server, tmp_path):
+    """A second server started on the admin state the first one recorded (2 workers, no SPO_ADMIN_TOKEN: the
+    token file the two workers share) restores it. The first one, shared, serves on: its admin_state.json
+    is copied to a fresh data directory, and its state put back afterwards."""
+    load_conv(server)
+    try:
+        r = httpx.post(server.url + "/admin/lora_scale", json={"scale": 0.6}, headers=AUTH)
+        assert r.status_code == 200
+        r = httpx.post(server.url + "/admin/default_adapter", json={"name": "conv"}, headers=AUTH)
+        assert r.status_code == 200
+        with open(server.env["SPO_DATA_DIR"] + "/admin_state.json") as fh:
+            recorded = json.load(fh)
+        (tmp_path / "data").mkdir()
+        shutil.copy(server.env["SPO_DATA_DIR"] + "/admin_state.json", tmp_path / "data" / "admin_state.json")
+    finally:
+        unload_conv(server)
     assert recorded["default_lora_scale"] == 0.6 and recorded["adapters"]["conv"]["file"] == "sub/conv.safetensors"
     env = {k: v for k, v in server.env.items() if k.startswith("SPO_") and k != "SPO_ADMIN_TOKEN"}
     env["SPO_WORKERS"] = "2"
-    server.stop()
+    env["SPO_DATA_DIR"] = str(tmp_path / "data")
     with Server(env, tmp_path / "restart.log") as s2:
         r = gen(s2, prompt="a fox", seed=1, num_inference_steps=3)
         assert r.headers["x-adapter"] == "conv" and r.headers["x-lora-scale"] == "0.6"

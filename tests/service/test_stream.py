@@ -1,6 +1,7 @@
 """img2img and streamed progress over HTTP against the real `bentoml serve`, read with a real SSE client
 (httpx-sse): events in order, one step per step, the done image equal to /generate's, previews, a client
-that disconnects freeing its slot, and img2img's body limit."""
+that disconnects freeing its slot, and img2img's body limit. The server is tests/server.py's standard one
+(generation requests carry its API token)."""
 
 from __future__ import annotations
 
@@ -15,24 +16,21 @@ import pytest
 from httpx_sse import connect_sse
 from PIL import Image
 
-from server import Server
+from conftest import pixels
+from server import API_AUTH
+
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("stream")
-    with Server({"SPO_DATA_DIR": str(data), "SPO_ADMIN_TOKEN": "stream-admin-token"}, data / "server.log") as s:
-        yield s
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+def server(standard_server):
+    return standard_server
 
 
 def stream(server, body, read_steps=None):
     """(events as (type, data)) of one /generate/stream call; stop after `read_steps` step events."""
     out = []
-    with httpx.Client(base_url=server.url, timeout=120) as client:
+    with httpx.Client(base_url=server.url, headers=API_AUTH, timeout=120) as client:
         with connect_sse(client, "POST", "/generate/stream", json=body) as source:
             assert source.response.status_code == 200
             assert source.response.headers["content-type"].startswith("text/event-stream")
@@ -64,7 +62,7 @@ def test_events_in_order_and_done_equals_generate(server, extra, steps_run):
     assert steps[-1]["eta_s"] == 0 and all(d["eta_s"] >= 0 for d in steps) and "preview" not in steps[0]
     done = events[-1][1]
     assert done["seed"] == 21 and done["format"] == "png" and done["request_id"] == events[0][1]["request_id"]
-    direct = httpx.post(server.url + "/generate", json=body, timeout=120)
+    direct = httpx.post(server.url + "/generate", json=body, headers=API_AUTH, timeout=120)
     assert direct.status_code == 200 and direct.headers["x-seed"] == "21"
     assert np.array_equal(pixels(base64.b64decode(done["image"])), pixels(direct.content))
     assert done["lora_scale"] == float(direct.headers["x-lora-scale"]) and done["adapter"] == direct.headers["x-adapter"]
@@ -97,9 +95,9 @@ def test_closing_the_stream_frees_its_slot(server):
 
 
 def test_errors_before_the_stream_are_http_errors(server):
-    r = httpx.post(server.url + "/generate/stream", json={"prompt": "a", "num_inference_steps": 0}, timeout=30)
+    r = httpx.post(server.url + "/generate/stream", json={"prompt": "a", "num_inference_steps": 0}, headers=API_AUTH, timeout=30)
     assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["num_inference_steps"]
-    r = httpx.post(server.url + "/generate/stream", json={"prompt": "a", "adapter": "nope"}, timeout=30)
+    r = httpx.post(server.url + "/generate/stream", json={"prompt": "a", "adapter": "nope"}, headers=API_AUTH, timeout=30)
     assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["adapter"]
     doc = httpx.get(server.url + "/docs.json", timeout=30).json()
     props = doc["paths"]["/generate/stream"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
@@ -110,15 +108,15 @@ def test_img2img_body_limits_and_bad_images(server):
     big_image = init_png(256, 256, seed=1)  # ~260 KB of PNG: over 64 KiB, under SPO_MAX_IMAGE_BYTES
     assert len(big_image) > 64 * 1024
     r = httpx.post(server.url + "/generate", json={"prompt": "a", "num_inference_steps": 2, "init_image": big_image,
-                                                   "strength": 0.5}, timeout=120)
+                                                   "strength": 0.5}, headers=API_AUTH, timeout=120)
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (256, 256)
     assert "Denoising strength: 0.5" in Image.open(io.BytesIO(r.content)).info["parameters"]
     r = httpx.post(server.url + "/generate", json={"prompt": "a" * 10, "negative_prompt": "b" * 4000,
-                                                   "adapter": None, "extra_padding": "x" * 70000}, timeout=30)
+                                                   "adapter": None, "extra_padding": "x" * 70000}, headers=API_AUTH, timeout=30)
     assert r.status_code == 400  # unknown field, but first: the body is over 64 KiB without init_image
     assert "without init_image" in r.json()["error"]
     for bad, needle in [("%%%", "base64"), (base64.b64encode(b"not an image").decode(), "decodable")]:
-        r = httpx.post(server.url + "/generate", json={"prompt": "a", "init_image": bad}, timeout=30)
+        r = httpx.post(server.url + "/generate", json={"prompt": "a", "init_image": bad}, headers=API_AUTH, timeout=30)
         assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["init_image"] and needle in r.text
-    r = httpx.post(server.url + "/generate", json={"prompt": "a", "init_image": init_png(600, 64)}, timeout=30)
+    r = httpx.post(server.url + "/generate", json={"prompt": "a", "init_image": init_png(600, 64)}, headers=API_AUTH, timeout=30)
     assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["init_image"] and "32..256" in r.text

@@ -1,8 +1,11 @@
 """Training over HTTP against the real `bentoml serve`: submit, poll, get, load, generate, cancel,
-kill and restart the server mid-job, and /generate answering while a job runs."""
+kill and restart the server mid-job, and /generate answering while a job runs. The first test runs on
+tests/server.py's standard server (the adapter it trains is unloaded after it); the second stops, kills
+and restarts servers of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import signal
@@ -14,10 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import Server
+from server import ADMIN_AUTH, ADMIN_TOKEN, API_AUTH, Server
 
-TOKEN = "train-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+pytestmark = pytest.mark.server
+TOKEN = ADMIN_TOKEN  # the standard server's, and this module's own servers'
+AUTH = ADMIN_AUTH
 CONFIG = {"scorer": "brightness", "num_inference_steps": 6, "chunk": 1, "train_t_max": 999, "threshold": 0.0, "rank": 4,
           "alpha": 4, "lr": 0.003, "width": 32, "height": 32, "prompts_per_round": 2, "micro_batch": 8, "grad_accum": 1,
           "targets": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1"], "checkpoint_every": 1}
@@ -53,13 +57,23 @@ def wait_for(s, job_id, cond, timeout=180):
     raise TimeoutError(status(s, job_id))
 
 
+@contextlib.contextmanager
+def borrowed(server):
+    """The shared standard server for one test, given back as found: the adapter "mine" unloaded."""
+    try:
+        yield server
+    finally:
+        httpx.post(server.url + "/admin/adapters/unload", json={"name": "mine"}, headers=AUTH, timeout=60)
+
+
 def png(resp):
     assert resp.status_code == 200, resp.text
     return np.asarray(Image.open(io.BytesIO(resp.content)), dtype=np.int16)
 
 
-def test_submit_poll_get_load_generate_and_cancel(dirs, tmp_path):
-    with Server(dirs, tmp_path / "a.log") as s:
+def test_submit_poll_get_load_generate_and_cancel(standard_server):
+    with borrowed(standard_server) as s:
+        counts = httpx.get(s.url + "/train/list", headers=AUTH).json()["counts"]  # the jobs other tests left
         # validation and protection first
         assert httpx.post(s.url + "/train/submit", json={"prompts": PROMPTS}).status_code == 401
         r = httpx.post(s.url + "/train/submit", json={"prompts": []}, headers=AUTH)
@@ -81,7 +95,8 @@ def test_submit_poll_get_load_generate_and_cancel(dirs, tmp_path):
         def keep_generating():  # /generate keeps answering while the trainer runs
             while not stop.is_set():
                 t = time.time()
-                r = httpx.post(s.url + "/generate", json={"prompt": "a lighthouse", "seed": 1, "num_inference_steps": 4}, timeout=60)
+                r = httpx.post(s.url + "/generate", json={"prompt": "a lighthouse", "seed": 1, "num_inference_steps": 4},
+                               headers=API_AUTH, timeout=60)
                 latencies.append((r.status_code, time.time() - t))
 
         gen = threading.Thread(target=keep_generating)
@@ -104,34 +119,35 @@ def test_submit_poll_get_load_generate_and_cancel(dirs, tmp_path):
         assert r.status_code == 200, r.text
         assert r.json()["sha256"] == got["sha256"]["webui"]
         body = {"prompt": "a fox", "seed": 7, "num_inference_steps": 4}
-        ours = httpx.post(s.url + "/generate", json={**body, "adapter": "mine"})
-        base = httpx.post(s.url + "/generate", json={**body, "adapter": "spo"})
+        ours = httpx.post(s.url + "/generate", json={**body, "adapter": "mine"}, headers=API_AUTH)
+        base = httpx.post(s.url + "/generate", json={**body, "adapter": "spo"}, headers=API_AUTH)
         assert ours.headers["x-adapter"] == "mine" and ours.headers["x-adapter-sha256"] == got["sha256"]["webui"][:16]
         assert np.abs(png(ours) - png(base)).max() > 0
 
         # a job whose trainer fails (a broken starting adapter) is failed with its reason; serving goes on
         from pathlib import Path
 
-        Path(dirs["SPO_ADAPTER_DIR"], "broken.safetensors").write_bytes(b"not a safetensors file")
+        Path(s.env["SPO_ADAPTER_DIR"], "broken.safetensors").write_bytes(b"not a safetensors file")
         bad = submit(s, config={**CONFIG, "max_rounds": 2}, start_adapter="broken.safetensors").json()
         t0 = time.time()
         while status(s, bad["job_id"])["state"] not in ("failed", "completed") and time.time() - t0 < 120:
             time.sleep(0.3)
         rec = status(s, bad["job_id"])
         assert rec["state"] == "failed" and "LoraFormatError" in rec["error"], rec
-        assert httpx.post(s.url + "/generate", json={"prompt": "still here", "num_inference_steps": 2}).status_code == 200
+        assert httpx.post(s.url + "/generate", json={"prompt": "still here", "num_inference_steps": 2},
+                          headers=API_AUTH).status_code == 200
 
         # cancel a second job: it stops at a round boundary and keeps its last checkpoint
         second = submit(s, config={**CONFIG, "max_rounds": 200}).json()
         wait_for(s, second["job_id"], lambda r: r["state"] == "running" and r["round"] >= 1)
         assert httpx.post(s.url + "/train/cancel", json={"job_id": second["job_id"]}, headers=AUTH).status_code == 200
         rec = wait_for(s, second["job_id"], lambda r: r["state"] == "canceled")
-        ckpt = json.loads(open(f"{dirs['SPO_DATA_DIR']}/jobs/{second['job_id']}/run/checkpoints/latest.json").read())
+        ckpt = json.loads(open(f"{s.env['SPO_DATA_DIR']}/jobs/{second['job_id']}/run/checkpoints/latest.json").read())
         assert ckpt["round"] >= 1 and rec["round"] >= 1
         listed = httpx.get(s.url + "/train/list", headers=AUTH).json()
-        assert listed["counts"]["completed"] == 1 and listed["counts"]["canceled"] == 1 and listed["counts"]["failed"] == 1
+        assert [listed["counts"][k] - counts[k] for k in ("completed", "canceled", "failed")] == [1, 1, 1], (counts, listed)
         m = s.metrics()
-        assert m['spo_train_jobs{state="completed"}'] == 1 and m.get("spo_train_round_seconds_count", 0) >= 3
+        assert m['spo_train_jobs{state="completed"}'] == counts["completed"] + 1 and m.get("spo_train_round_seconds_count", 0) >= 3
 
         # /train/resume: a canceled job is queued again and goes on from its checkpoint; a completed one cannot
         r = httpx.post(s.url + "/train/resume", json={"job_id": job["job_id"]}, headers=AUTH)

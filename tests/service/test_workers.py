@@ -130,6 +130,7 @@ def _info(url: str) -> dict:
     return httpx.get(url + "/info", timeout=10, headers={"connection": "close"}).json()
 
 
+@pytest.mark.server
 def test_two_workers_serve_on_cpu_with_distinct_indices(tmp_path):
     # its own BENTOML_HOME: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir at start, which
     # would wipe (or mix in) the metrics of any other server running on this machine meanwhile
