@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # (benchmarks/RESULTS.md, contention). Inherited by the server, its training jobs and the tests.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: serve test install install-dev demo load clean gpu-wheels build weights weights-plan docs
+.PHONY: serve test test-fast install install-dev demo load clean gpu-wheels build weights weights-plan docs
 
 # The runtime: what the server imports (requirements.txt), and the package itself (the spo-serve command).
 $(STAMP): requirements.txt pyproject.toml
@@ -57,6 +57,11 @@ build: $(STAMP)
 
 test: $(DEV_STAMP) deps-system
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The unit tests alone: no `bentoml serve` (marker `server`) and none of the `slow` ones (training runs,
+# subprocesses that import the whole stack); about a minute. `make test` runs these and the rest.
+test-fast: $(DEV_STAMP) deps-system
+	$(BIN)/python -m pytest -m "not server and not slow" --durations=10 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m spo_runtime generate "a watercolor fox in a snowy forest" --seed 42 -o demo.png

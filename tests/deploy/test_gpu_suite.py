@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_gpu_suite_smoke(tmp_path):
     out = tmp_path / "suite.json"
     r = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--json", str(out)], cwd=ROOT,

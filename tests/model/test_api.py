@@ -180,22 +180,40 @@ def test_sdxl_random_architecture_matches_spo_lora_layout():
     assert abs(lora_params - 92.9e6) < 0.1e6  # the released SPO LoRA's size
 
 
+@pytest.mark.slow
 def test_cli_generate_save_tiny_and_errors(tmp_path):
     env = {"SPO_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    out = tmp_path / "cli.png"
-    r = subprocess.run([sys.executable, "-m", "spo_runtime", "generate", "a fox", "--seed", "42", "--steps", "3",
-                        "--lora-scale", "0.5", "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out, refused = tmp_path / "cli.png", tmp_path / "refused.png"
+
+    def cli(*args) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "spo_runtime", *args], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+        stdout, stderr = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    # the three commands are independent: started together, their start-ups (importing the stack) overlap
+    procs = [cli("generate", "a fox", "--seed", "42", "--steps", "3", "--lora-scale", "0.5", "-o", str(out)),
+             cli("generate", "a fox", "--steps", "0", "-o", str(refused)),
+             cli("save-tiny", str(tmp_path / "t"))]
+    try:
+        generated, refusal, saved = [finished(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    r = generated
     assert r.returncode == 0, r.stderr
     meta = json.loads(r.stdout.strip().splitlines()[-1])
     assert meta["seed"] == 42 and meta["lora_scale"] == 0.5
     img = Image.open(out)
     assert img.size == (64, 64)
     assert "Seed: 42" in img.text["parameters"] and "Lora scale: 0.5" in img.text["parameters"]
-    r = subprocess.run([sys.executable, "-m", "spo_runtime", "generate", "a fox", "--steps", "0", "-o", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = refusal
     assert r.returncode == 2 and "num_inference_steps: must be in 1..100, got 0" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "spo_runtime", "save-tiny", str(tmp_path / "t")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    assert not refused.exists()
+    r = saved
     assert r.returncode == 0, r.stderr
     names = {p.name for p in (tmp_path / "t").iterdir()}
     assert {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",

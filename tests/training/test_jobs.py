@@ -197,6 +197,7 @@ def _kill(parent):
     parent.wait(10)
 
 
+@pytest.mark.slow
 def test_the_trainer_dies_when_its_server_is_killed(store, tmp_path, tiny_dir):
     rec, parent, trainer = _server_with_a_trainer(store, tmp_path, tiny_dir)
     try:
@@ -214,6 +215,7 @@ def test_the_trainer_dies_when_its_server_is_killed(store, tmp_path, tiny_dir):
             os.kill(trainer, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_trainer_whose_server_died_before_it_started_exits(store, tmp_path, tiny_dir):
     """The race: the server dies between starting the trainer and its death-signal request."""
     rec, parent, trainer = _server_with_a_trainer(store, tmp_path, tiny_dir)

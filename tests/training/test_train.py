@@ -81,6 +81,7 @@ def _brightness(pipe, scale):
     return np.array([np.asarray(r.image, dtype=np.float64).mean() / 255 for r in pipe.generate(reqs)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scorer,sign", [("brightness", 1), ("darkness", -1)])
 def test_training_follows_the_preference(tiny_dir, tmp_path, scorer, sign):
     pipe = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
@@ -98,6 +99,7 @@ def test_training_follows_the_preference(tiny_dir, tmp_path, scorer, sign):
     assert {"loss", "kept_rate", "clamp_share", "score_w", "score_l", "seconds"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_it_stopped(tiny_dir, tmp_path):
     cfg = TrainConfig(**{**FAST, "prompts_per_round": 2, "num_inference_steps": 6, "checkpoint_every": 1}, scorer="brightness", max_rounds=3)
     straight = SPOTrainer(load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False)), cfg, PROMPTS, tmp_path / "a")
@@ -120,6 +122,7 @@ def test_resume_continues_exactly_where_it_stopped(tiny_dir, tmp_path):
     assert saved["lr"] == cfg.lr and saved["targets"] == cfg.targets
 
 
+@pytest.mark.slow
 def test_exported_adapter_serves_with_per_sample_scales(tiny_dir, tmp_path):
     cfg = TrainConfig(**{**FAST, "num_inference_steps": 6}, scorer="brightness", max_rounds=2)
     tr = SPOTrainer(load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False)), cfg, PROMPTS, tmp_path)
@@ -147,6 +150,7 @@ def test_config_is_validated_with_field_names():
     assert e.value.field == "config.bogus"
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_dir, tmp_path):
     """A round with gradient checkpointing (backward recomputes the UNet under the policy's row
     scales) ends with the same adapter as a round without."""
@@ -165,6 +169,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_dir, tmp_path):
     assert worst < 1e-6, worst
 
 
+@pytest.mark.slow
 def test_build_trainer_resumes_and_reads_checkpoints_of_the_old_name(tiny_dir, tmp_path, monkeypatch):
     """The one set-up of the CLI and of jobs: a pipeline from SPO_* settings, resumed from the last
     checkpoint (`checkpoint.pt`, or `train_state.pt` as checkpoints were named before)."""

@@ -49,6 +49,7 @@ def run_job(tmp_path, job_id, env) -> subprocess.CompletedProcess:
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_and_a_killed_rank_fails_then_resumes(tiny_dir, tmp_path, one_thread):
     env = {**os.environ, "SPO_MODEL": "tiny", "SPO_BASE_MODEL": str(tiny_dir), "SPO_DEVICE": "cpu",
            "SPO_TORCH_THREADS": "1", "SPO_FAULTS": "kill_rank:rank=1:round=3"}

@@ -37,6 +37,7 @@ def held_out_brightness(pipe, scale):
     return np.array([np.asarray(r.image, dtype=np.float64).mean() / 255 for r in pipe.generate(reqs)])
 
 
+@pytest.mark.slow
 def test_default_chunk4_path_keeps_pairs_and_trains_the_preferred_way(tiny_dir, tmp_path):
     """(b) The paper's path: 20 DDIM steps, nothing trained above t = 751, chunks of 4, k = 2, threshold 0.4,
     micro-batch 2 x accumulation 2; a scorer strong enough to keep pairs; brighter on held-out seeds.
@@ -89,6 +90,7 @@ def test_the_spm_receives_the_branch_points_timestep(tiny_dir, tmp_path):
     assert (scores - elsewhere).abs().max() > 1e-4  # the score depends on t: the timestep matters
 
 
+@pytest.mark.slow
 def test_the_reference_is_the_frozen_start_not_the_policy(tiny_dir, tmp_path):
     """(a) A trainer whose reference is the policy (ratios always 1, loss ln 2) fails here: once the policy
     has moved, the reference log-probabilities are the base model's, the ratios leave 1 and the loss
