@@ -19,6 +19,7 @@ from PIL import Image
 
 from server import Server
 
+pytestmark = pytest.mark.server  # its own server: admission by cost (SPO_MAX_QUEUE_COST) and one queued job
 API = "hostile-api-token-0123"
 ADMIN = "hostile-admin-token-0123"
 

@@ -1,10 +1,10 @@
 """GET /ui, the playground, in a real browser: Debian's chromium (`make deps-system`) driven headless by
 Playwright (pinned in requirements.txt; its own browser download is not used) against the real
-`bentoml serve` with the tiny preset and SPO_API_TOKEN set. The page loads without a token and without
-console errors, takes its bounds from /docs.json and its adapters from /info, streams a generation
-(queued, every step with its ETA and latent preview) to a PNG whose bytes equal /generate's for the
-same body, frees the slot when cancelled, and shows the server's error next to the field it names.
-Writes benchmarks/results/ui.png, the README's screenshot."""
+`bentoml serve` with the tiny preset and SPO_API_TOKEN set (tests/server.py's standard server). The page
+loads without a token and without console errors, takes its bounds from /docs.json and its adapters from
+/info, streams a generation (queued, every step with its ETA and latent preview) to a PNG whose bytes equal
+/generate's for the same body, frees the slot when cancelled, and shows the server's error next to the
+field it names. Writes benchmarks/results/ui.png, the README's screenshot."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from server import ROOT, Server
+from server import API_TOKEN, ROOT
 
-TOKEN = "ui-api-token"
+pytestmark = pytest.mark.server
+TOKEN = API_TOKEN  # the standard server's (tests/server.py)
 SCREENSHOT = ROOT / "benchmarks" / "results" / "ui.png"
 CONTROLS = ["prompt", "negative_prompt", "seed", "seed-random", "num_inference_steps", "guidance_scale", "scheduler",
             "width", "height", "adapter", "lora_scale", "init_image", "preview", "generate"]
@@ -47,11 +48,8 @@ OBSERVE = """() => {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("ui")
-    env = {"SPO_DATA_DIR": str(data), "SPO_API_TOKEN": TOKEN, "SPO_ADMIN_TOKEN": "ui-admin-token"}
-    with Server(env, data / "server.log") as s:
-        yield s
+def server(standard_server):
+    return standard_server
 
 
 @pytest.fixture(scope="module")
