@@ -47,7 +47,7 @@ from spo_runtime.fsutil import atomic_write, fsync_dir, write_json_atomic
 from spo_runtime.lora.format import LoraFile, LoraModuleWeights, module_specs, save_lora_file
 from spo_runtime.fsutil import file_sha256
 from spo_runtime.model.pipeline import SpoPipeline
-from spo_runtime.training.preference import default_spm_path, spm_weights_file
+from spo_runtime.training.spm_source import default_spm_path, spm_weights_file
 from spo_runtime.validation import validation_error
 from spo_runtime.sampling.sampler import ddim_step, ddim_transition_logprob, make_schedule
 
@@ -278,8 +278,10 @@ class SPOTrainer:
     # -- setup -------------------------------------------------------------------------------
 
     def _default_scorer(self, tokenizer):
-        from spo_runtime.training.preference import (BrightnessScorer, SpmScorer, StepAwarePreferenceModel, build_spm, load_spm_tokenizer,
-                                 load_spm_weights, spm_config)
+        from spo_runtime.training.scorers import BrightnessScorer, SpmScorer
+        from spo_runtime.training.spm import StepAwarePreferenceModel, build_spm, spm_config
+        from spo_runtime.training.spm_source import load_spm_tokenizer
+        from spo_runtime.training.spm_weights import load_spm_weights
 
         if self.cfg.scorer == "brightness":
             return BrightnessScorer(+1)
