@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(save_tiny(args.directory), indent=2))
             return 0
         if args.command == "train-job":
-            from spo_runtime.training.jobs import run_job
+            from spo_runtime.training.job_process import run_job
 
             return run_job(args.job_dir, args.adapter_dir, parent_pid=args.parent_pid)
         if args.command == "train":

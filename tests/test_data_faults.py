@@ -17,7 +17,8 @@ import torch
 
 from spo_runtime import Settings, load_pipeline
 from spo_runtime.faults import Faults
-from spo_runtime.training.jobs import JobStore, Supervisor, run_job
+from spo_runtime.training.job_process import run_job
+from spo_runtime.training.jobs import JobStore, Supervisor
 from spo_runtime.fsutil import file_sha256
 from spo_runtime.state import EMPTY, AdminStore, AdminSync, file_state
 from spo_runtime.training.trainer import CheckpointCorruptError, CheckpointWriteError, SPOTrainer, TrainConfig
