@@ -212,7 +212,7 @@ def _start_adapter(svc: SPOService, name: str | None) -> str | None:
 
 @admin
 async def train_submit(svc: SPOService, request: Request) -> Response:
-    from spo_runtime.training.trainer import TrainConfig
+    from spo_runtime.training.config import TrainConfig
 
     body = await _body(TrainSubmitBody, request)
     prompts = await anyio.to_thread.run_sync(_training_prompts, svc, body)

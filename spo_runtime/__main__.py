@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     from spo_runtime.training.distributed import launch, resolve_world
     from spo_runtime.settings import Settings
-    from spo_runtime.training.trainer import TrainConfig, read_prompts, train_rank
+    from spo_runtime.training.config import TrainConfig
+    from spo_runtime.training.run import read_prompts, train_rank
 
     overrides = {}
     for kv in args.config:

@@ -59,8 +59,8 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
         print(f"the supervisor (pid {parent_pid}) is gone: not training", file=sys.stderr)
         return 4
     from spo_runtime.settings import Settings
+    from spo_runtime.training.config import TrainConfig
     from spo_runtime.training.distributed import launch, resolve_world, run_rank
-    from spo_runtime.training.trainer import TrainConfig
 
     d = Path(job_dir)
     store = JobStore(d.parent.parent, adapter_dir)
@@ -124,7 +124,9 @@ def _job_rank(rank: int, world: int, rendezvous: str, job_dir: str, adapter_dir:
 def _train_job(d: Path, adapter_dir: Path, group, stop_requested) -> int:
     """Train the job in `d` as `group`'s rank; rank 0 records progress and the outcome (but a failure,
     which the caller records), exports the adapter and writes the checkpoints."""
-    from spo_runtime.training.trainer import JobCancelled, TrainConfig, build_trainer, read_prompts
+    from spo_runtime.training.config import TrainConfig
+    from spo_runtime.training.run import build_trainer, read_prompts
+    from spo_runtime.training.trainer import JobCancelled
 
     store = JobStore(d.parent.parent, adapter_dir)
     job_id = d.name

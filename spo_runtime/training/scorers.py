@@ -2,20 +2,26 @@
 
 A `PreferenceScorer` maps [-1, 1] images (B, 3, H, W), B prompts and timesteps (B,) to scores (B,).
 `SpmScorer` is the step-aware preference model (`spm`) with its tokenizer; `BrightnessScorer` a toy for
-tests.
+tests. `default_scorer` is the one a job's config names, built for the trainer's pipeline.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from spo_runtime.training.spm import StepAwarePreferenceModel
+from spo_runtime.training.config import TrainConfig
+from spo_runtime.training.spm import StepAwarePreferenceModel, build_spm, spm_config
+from spo_runtime.training.spm_source import load_spm_tokenizer, spm_weights_file
+from spo_runtime.training.spm_weights import load_spm_weights
 
-__all__ = ["BrightnessScorer", "PreferenceScorer", "SpmScorer"]
+if TYPE_CHECKING:
+    from spo_runtime.model.pipeline import SpoPipeline
+
+__all__ = ["BrightnessScorer", "PreferenceScorer", "SpmScorer", "default_scorer"]
 
 
 @runtime_checkable
@@ -102,3 +108,36 @@ class BrightnessScorer:
         _check_prompts(prompts, images.shape[0])
         return self.sign * images.float().mean(dim=(1, 2, 3))
 
+
+def default_scorer(config: TrainConfig, pipe: SpoPipeline, tokenizer=None) -> PreferenceScorer:
+    """The scorer `config.scorer` names, for a trainer on `pipe`. The SPM: for the tiny preset a tiny one,
+    random (seeded by `config.seed`) with the pipeline's tokenizer; otherwise full size, with the weights
+    of `config.spm_path` (default SPO_SPM) or, for the sdxl-spo preset, the released ones, and the tokenizer of
+    SPO_SPM_TOKENIZER or the hub (the pipeline's for sdxl-random)."""
+    if config.scorer == "brightness":
+        return BrightnessScorer(+1)
+    if config.scorer == "darkness":
+        return BrightnessScorer(-1)
+    preset = pipe.preset.name
+    if preset == "tiny":
+        cfg = spm_config("tiny")
+        cfg.text_config.vocab_size = len(pipe.tokenizers[0])  # the tiny tokenizer's ids
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = StepAwarePreferenceModel(cfg)
+        tokenizer = tokenizer or pipe.tokenizers[0]
+    else:
+        model = build_spm("sdxl-random" if preset == "sdxl-random" else "sdxl", device="cpu")
+        if tokenizer is None:
+            if preset == "sdxl-random":
+                tokenizer = pipe.tokenizers[0]
+            else:  # SPO_SPM_TOKENIZER (offline), else the hub's; the error names the variable
+                tokenizer = load_spm_tokenizer(pipe.settings.spm_tokenizer)
+    if config.spm_path:
+        load_spm_weights(model, config.spm_path)
+    elif preset == "sdxl-spo":
+        load_spm_weights(model, spm_weights_file(None))
+    # the SPM scores in float32 whatever the pipeline's dtype, as the authors' code does: pair selection
+    # compares score gaps near ln(1.4/0.6), which half precision would blur
+    model = model.to(pipe.device, torch.float32).eval().requires_grad_(False)
+    return SpmScorer(model, tokenizer)
