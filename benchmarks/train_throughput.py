@@ -33,7 +33,8 @@ def paper_config(steps: int, size: int, dtype: str, **kw) -> dict:
 
 def one_rank(settings, steps: int, size: int, dtype: str, checkpointing: bool, peak_reset, peak_gib, release) -> dict:
     from spo_runtime import load_pipeline
-    from spo_runtime.training.trainer import SPOTrainer, TrainConfig
+    from spo_runtime.training.config import TrainConfig
+    from spo_runtime.training.trainer import SPOTrainer
 
     pipe = tr = None
     try:

@@ -58,7 +58,7 @@ def _start_adapter(svc: Service, name: str | None) -> str | None:
 
 @guarded(ADMIN)
 async def train_submit(svc: Service, request: Request) -> Response:
-    from spo_runtime.training.trainer import TrainConfig
+    from spo_runtime.training.config import TrainConfig
 
     body = await context.body(request, TrainSubmitBody)
     prompts = await anyio.to_thread.run_sync(_training_prompts, svc, body)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(save_tiny(args.directory), indent=2))
             return 0
         if args.command == "train-job":
-            from spo_runtime.training.jobs import run_job
+            from spo_runtime.training.job_process import run_job
 
             return run_job(args.job_dir, args.adapter_dir, parent_pid=args.parent_pid)
         if args.command == "train":
@@ -200,7 +200,8 @@ def serve(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     from spo_runtime.training.distributed import launch, resolve_world
     from spo_runtime.settings import Settings
-    from spo_runtime.training.trainer import TrainConfig, read_prompts, train_rank
+    from spo_runtime.training.config import TrainConfig
+    from spo_runtime.training.run import read_prompts, train_rank
 
     overrides = {}
     for kv in args.config:

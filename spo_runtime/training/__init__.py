@@ -1,3 +1,16 @@
-"""SPO training: the step-aware preference model that scores candidates (`preference`), the trainer's round
-(roll-out, branching, pair selection, the DPO-style loss, checkpoints) (`trainer`), durable jobs run by a
-supervised subprocess (`jobs`), and data-parallel ranks over torch.distributed (`distributed`)."""
+"""SPO training, one concept a module:
+
+- `config`: TrainConfig, every hyperparameter of a job and its checks.
+- `trainer`: SPOTrainer, the round (prompts, roll-out, optimiser steps) and the loop; `run`: its one
+  set-up (`build_trainer`), the prompt file, the CLI as one rank.
+- `policy`: the UNet + LoRA as a DDIM policy; `rollout`: sampling with branching into pairs;
+  `loss`: pair selection and the DPO-style loss; `adapter`: the trainable LoRA; `checkpoint`: the
+  trainer's files (checkpoints, exported adapter).
+- `spm`: the step-aware preference model; `spm_weights`: its checkpoint files; `spm_source`: where they
+  come from (SPO_SPM, SPO_SPM_TOKENIZER, the hub); `scorers`: the preference functions a trainer uses.
+- `jobs`: durable jobs on the server side (JobStore, Supervisor); `job_process`: the trainer process
+  of a job (`python -m spo_runtime train-job`).
+- `distributed`: data-parallel ranks over torch.distributed.
+
+Nothing is re-exported here: each name is imported from the one module that defines it.
+"""

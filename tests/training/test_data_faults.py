@@ -16,10 +16,13 @@ import pytest
 
 from spo_runtime import Settings, load_pipeline
 from spo_runtime.faults import Faults
-from spo_runtime.training.jobs import JobStore, Supervisor, run_job
+from spo_runtime.training.job_process import run_job
+from spo_runtime.training.jobs import JobStore, Supervisor
 from spo_runtime.fsutil import file_sha256
 from spo_runtime.state import EMPTY, AdminStore, AdminSync, file_state
-from spo_runtime.training.trainer import CheckpointCorruptError, CheckpointWriteError, SPOTrainer, TrainConfig
+from spo_runtime.training.checkpoint import CheckpointCorruptError, CheckpointWriteError
+from spo_runtime.training.config import TrainConfig
+from spo_runtime.training.trainer import SPOTrainer
 
 # a tiny job: 32x32, 2 DDIM steps in one chunk, rank 2 on to_q: a round takes about 0.4 s on one core
 SMALL = dict(rank=2, alpha=2, num_inference_steps=2, chunk=2, train_t_max=999, threshold=0.0, targets=["to_q"],

@@ -11,7 +11,9 @@ from conftest import max_pixel_diff
 from spo_runtime import InvalidRequestError, Settings, load_pipeline
 from spo_runtime.lora.format import read_lora_file, module_specs
 from spo_runtime.sampling.sampler import NoiseSchedule, make_schedule
-from spo_runtime.training.trainer import SPOTrainer, TrainConfig, select_pair, spo_loss
+from spo_runtime.training.config import TrainConfig
+from spo_runtime.training.loss import select_pair, spo_loss
+from spo_runtime.training.trainer import SPOTrainer
 
 PROMPTS = ["a fox", "a castle", "an owl", "a city at night", "a red car", "a portrait"]
 # A fast probe: 32x32, 10 DDIM steps, a branch at every step, LoRA on attention, feed-forward and convs.
@@ -64,7 +66,7 @@ def test_transition_logprob_matches_the_notes(tiny_dir):
     ts = int(make_schedule("ddim", 10).timesteps[t.step])
     a_t, a_prev = ac[ts], ac[max(ts - 100, 0)]
     with torch.no_grad():
-        eps = tr._eps(t.x_t[None], torch.tensor([t.step]), {k: v[:1] for k, v in cond.items()}, tr.policy_scales).double()[0]
+        eps = tr.policy.eps(t.x_t[None], torch.tensor([t.step]), {k: v[:1] for k, v in cond.items()}, tr.policy_scales).double()[0]
     x = t.x_t.double()
     x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     std = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
@@ -173,7 +175,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_dir, tmp_path):
 def test_build_trainer_resumes_and_reads_checkpoints_of_the_old_name(tiny_dir, tmp_path, monkeypatch):
     """The one set-up of the CLI and of jobs: a pipeline from SPO_* settings, resumed from the last
     checkpoint (`checkpoint.pt`, or `train_state.pt` as checkpoints were named before)."""
-    from spo_runtime.training.trainer import build_trainer, read_prompts
+    from spo_runtime.training.run import build_trainer, read_prompts
 
     monkeypatch.setenv("SPO_MODEL", "tiny")
     monkeypatch.setenv("SPO_BASE_MODEL", str(tiny_dir))

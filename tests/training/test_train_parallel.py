@@ -15,7 +15,8 @@ from spo_runtime import Settings, load_pipeline
 from spo_runtime.training.distributed import resolve_world
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.training.jobs import JobStore
-from spo_runtime.training.trainer import SPOTrainer, TrainConfig
+from spo_runtime.training.config import TrainConfig
+from spo_runtime.training.trainer import SPOTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a fox", "a castle", "an owl", "a city at night", "a red car", "a portrait"]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from spo_runtime import Settings, load_pipeline
-from spo_runtime.training.trainer import TRAIN, SPOTrainer, TrainConfig
+from spo_runtime.training.adapter import TRAIN
+from spo_runtime.training.config import TrainConfig
+from spo_runtime.training.trainer import SPOTrainer
 
 PROMPTS = ["a fox", "a castle", "an owl", "a city at night", "a red car", "a portrait"]
 SMALL = dict(rank=4, alpha=4, width=32, height=32, targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])

@@ -1,4 +1,6 @@
-"""Step-aware preference model (SPM) of SPO (arXiv 2406.04314), SDXL variant, and pluggable scorers.
+"""Step-aware preference model (SPM) of SPO (arXiv 2406.04314), SDXL variant: the architecture, its
+configurations (`spm_config`) and random construction (`build_spm`). Reading and writing its checkpoints is
+`spm_weights`; the scorers that use it are `scorers`.
 
 The SPM is PickScore v1 (a transformers ``CLIPModel``, CLIP ViT-H/14) whose vision tower is conditioned
 on the diffusion timestep:
@@ -18,38 +20,28 @@ on the diffusion timestep:
 Score = ``logit_scale.exp() * cos(image_embeds, text_embeds)``.
 
 The released checkpoint is an fp32 state dict of a wrapper whose only child is ``model``: every key is the
-transformers ``CLIPModel`` name (plus the additions above) prefixed with ``model.``. ``load_spm_weights`` is
-strict about it (see there).
+transformers ``CLIPModel`` name (plus the additions above) prefixed with ``model.``. ``spm_weights.load_spm_weights``
+is strict about it (see there).
 """
 
 from __future__ import annotations
 
 import math
-import pickle
-from collections import OrderedDict
-from pathlib import Path
-from typing import Iterable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel
 
-from spo_runtime.errors import CheckpointFormatError
-from spo_runtime.model import weights
-
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "FREQUENCY_EMBEDDING_SIZE",
-    "BrightnessScorer",
-    "PreferenceScorer",
-    "SpmScorer",
+    "SpmPreset",
     "StepAwarePreferenceModel",
     "TimestepEmbedder",
     "build_spm",
-    "load_spm_weights",
-    "save_spm_weights",
     "spm_config",
     "timestep_embedding",
 ]
@@ -58,15 +50,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FREQUENCY_EMBEDDING_SIZE = 256
 MAX_PERIOD = 10000
-CHECKPOINT_PREFIX = "model."
 
-Preset = Literal["tiny", "sdxl-random", "sdxl"]
+SpmPreset = Literal["tiny", "sdxl-random", "sdxl"]  # not model.presets.Preset: the SPM has its own sizes
 
 
 # --------------------------------------------------------------------------------------------- config
 
 
-def spm_config(preset: Preset) -> CLIPConfig:
+def spm_config(preset: SpmPreset) -> CLIPConfig:
     """The ``CLIPConfig`` of an SPM preset.
 
     ``"sdxl"`` / ``"sdxl-random"``: PickScore v1 = laion/CLIP-ViT-H-14-laion2B-s32B-b79K (vision 1280 x 32
@@ -310,7 +301,7 @@ class StepAwarePreferenceModel(nn.Module):
 # --------------------------------------------------------------------------------------------- build
 
 
-def build_spm(preset: Preset, device="cpu", dtype: torch.dtype = torch.float32,
+def build_spm(preset: SpmPreset, device="cpu", dtype: torch.dtype = torch.float32,
               seed: int = 0) -> StepAwarePreferenceModel:
     """A randomly initialised SPM, deterministic in ``seed`` (built on CPU under a forked RNG, then moved;
     the global RNG is left untouched). ``device="meta"`` builds the structure only, without memory."""
@@ -323,264 +314,3 @@ def build_spm(preset: Preset, device="cpu", dtype: torch.dtype = torch.float32,
         torch.manual_seed(seed)
         model = StepAwarePreferenceModel(config)
     return model.to(device=device, dtype=dtype).eval()
-
-
-# ---------------------------------------------------------------------------------------- checkpoint
-
-
-def _format_keys(keys: Sequence[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _read_state_dict(path: Path) -> dict:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # SafetensorError, OSError on a truncated file, ...
-            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
-    if suffix in (".bin", ".pt", ".pth"):
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointFormatError(
-                f"{path}: not a plain tensor state dict loadable with torch.load(weights_only=True): {first}"
-            ) from exc
-    raise CheckpointFormatError(f"{path}: unsupported checkpoint extension {path.suffix!r} "
-                                "(expected .safetensors, .bin, .pt or .pth)")
-
-
-def load_spm_weights(model: StepAwarePreferenceModel, path) -> None:
-    """Strictly load a released SPM checkpoint (keys ``model.<CLIPModel name>``) into ``model``.
-
-    ``.safetensors`` is read with safetensors, ``.bin``/``.pt``/``.pth`` only with
-    ``torch.load(weights_only=True, map_location="cpu")``. Keys may all carry the ``model.`` prefix (the
-    released format) or all lack it. The only tolerated extras are the ``position_ids`` buffers that older
-    transformers saved (``model.{text,vision}_model.embeddings.position_ids``); any other missing or
-    unexpected key, a non-tensor value or a shape mismatch raises ``CheckpointFormatError`` naming the keys,
-    and nothing is loaded. Values are cast to the model's dtype and device; a model on the ``meta`` device
-    is materialised on CPU.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SPM checkpoint not found: {path}")
-    raw = _read_state_dict(path)
-    if not isinstance(raw, dict):
-        raise CheckpointFormatError(f"{path}: expected a dict of tensors, got {type(raw).__name__}")
-    bad = [str(k) for k, v in raw.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointFormatError(f"{path}: entries that are not str -> tensor: {_format_keys(bad)}", keys=bad)
-
-    prefixed = [k.startswith(CHECKPOINT_PREFIX) for k in raw]
-    use_prefix = any(prefixed)
-    prefix = CHECKPOINT_PREFIX if use_prefix else ""
-
-    expected = model.model.state_dict()
-    # non-persistent buffers (position_ids) are not in state_dict but old checkpoints carry them
-    tolerated = {name for name, _ in model.model.named_buffers()
-                 if name.rsplit(".", 1)[-1] == "position_ids" and name not in expected}
-
-    state: dict[str, Tensor] = {}
-    unexpected: list[str] = []
-    for key, value in raw.items():
-        if use_prefix and not key.startswith(CHECKPOINT_PREFIX):
-            unexpected.append(key)
-            continue
-        name = key[len(prefix):]
-        if name in expected:
-            state[name] = value
-        elif name not in tolerated:
-            unexpected.append(key)
-    missing = [prefix + name for name in expected if name not in state]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_format_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_format_keys(unexpected)}")
-        raise CheckpointFormatError(f"{path}: checkpoint does not match the SPM architecture; "
-                                    + "; ".join(parts), keys=missing + unexpected)
-
-    mismatched = [prefix + name for name, value in state.items() if value.shape != expected[name].shape]
-    if mismatched:
-        details = "; ".join(f"{k}: checkpoint {tuple(state[k[len(prefix):]].shape)} vs model "
-                            f"{tuple(expected[k[len(prefix):]].shape)}" for k in mismatched[:12])
-        raise CheckpointFormatError(f"{path}: shape mismatch: {details}", keys=mismatched)
-
-    on_meta = any(t.is_meta for t in expected.values())
-    if on_meta:
-        state = {name: value.to(dtype=expected[name].dtype) for name, value in state.items()}
-    model.model.load_state_dict(state, strict=True, assign=on_meta)
-    if on_meta:
-        # non-persistent buffers are not in the state dict: rebuild them off the meta device
-        for module in model.model.modules():
-            for bname, buf in list(module.named_buffers(recurse=False)):
-                if buf is not None and buf.is_meta and bname == "position_ids":
-                    n = buf.shape[-1]
-                    module.register_buffer(bname, torch.arange(n).expand((1, -1)), persistent=False)
-
-
-def save_spm_weights(model: StepAwarePreferenceModel, path) -> None:
-    """Write the released format: fp32 CPU tensors keyed ``model.<name>``; ``.safetensors`` via safetensors,
-    ``.bin``/``.pt``/``.pth`` via ``torch.save`` of the plain dict."""
-    path = Path(path)
-    state = {}
-    for name, value in model.model.state_dict().items():
-        if value.is_meta:
-            raise ValueError(f"model: cannot save {name}, the model is on the meta device")
-        value = value.detach().to("cpu")
-        if value.is_floating_point():
-            value = value.to(torch.float32)
-        state[CHECKPOINT_PREFIX + name] = value.contiguous().clone()
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path), metadata={"format": "pt"})
-    elif suffix in (".bin", ".pt", ".pth"):
-        torch.save(state, str(path))
-    else:
-        raise ValueError(f"path: unsupported extension {path.suffix!r} (expected .safetensors, .bin, .pt or .pth)")
-
-
-# ------------------------------------------------------------------------------------------- scorers
-
-
-@runtime_checkable
-class PreferenceScorer(Protocol):
-    """A preference function: [-1, 1] images (B, 3, H, W), B prompts, timesteps (B,) -> scores (B,)."""
-
-    def __call__(self, images: Tensor, prompts: list[str], timesteps: Tensor) -> Tensor: ...
-
-
-def _check_prompts(prompts: Iterable[str], batch: int) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if len(prompts) == 1 and batch != 1:
-        prompts = prompts * batch
-    if len(prompts) != batch:
-        raise ValueError(f"prompts: expected 1 or {batch} prompts, got {len(prompts)}")
-    return prompts
-
-
-class SpmScorer:
-    """``PreferenceScorer`` backed by a ``StepAwarePreferenceModel`` and a transformers tokenizer.
-
-    Prompts are tokenised to ``max_length`` (default: the text tower's 77 positions, truncated and padded)
-    and their normalised text embeddings cached per prompt (LRU, ``cache_size`` entries; cleared by
-    ``clear_cache()``, e.g. after reloading weights). Scoring runs under ``torch.no_grad()`` unless
-    ``grad=True``, in which case gradients flow to the images (text embeddings are always cached detached).
-    """
-
-    def __init__(self, model: StepAwarePreferenceModel, tokenizer, *, grad: bool = False,
-                 max_length: int | None = None, cache_size: int = 4096):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.grad = grad
-        self.max_length = int(max_length or model.config.text_config.max_position_embeddings)
-        self.cache_size = int(cache_size)
-        self._cache: OrderedDict[str, Tensor] = OrderedDict()
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
-    @property
-    def cache_len(self) -> int:
-        return len(self._cache)
-
-    def _text_embeds(self, prompts: list[str]) -> Tensor:
-        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if todo:
-            tokens = self.tokenizer(todo, padding="max_length", max_length=self.max_length,
-                                    truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                emb = self.model.text_embeds(tokens["input_ids"]).detach()
-            for prompt, row in zip(todo, emb):
-                self._cache[prompt] = row
-        rows = []
-        for p in prompts:
-            self._cache.move_to_end(p)
-            rows.append(self._cache[p])
-        out = torch.stack(rows)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return out
-
-    def __call__(self, images: Tensor, prompts: list[str], timesteps: Tensor) -> Tensor:
-        prompts = _check_prompts(prompts, images.shape[0])
-        text = self._text_embeds(prompts)
-        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
-            image = self.model.image_embeds(self.model.preprocess(images), timesteps)
-            return self.model.scores_from_embeds(image, text)
-
-
-class BrightnessScorer:
-    """Toy preference: ``sign * mean(image)`` over (C, H, W) of [-1, 1] images; prompts and timesteps are
-    ignored. ``sign=+1`` prefers bright images, ``-1`` dark ones."""
-
-    def __init__(self, sign: int = 1):
-        if sign not in (1, -1):
-            raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
-        self.sign = sign
-
-    def __call__(self, images: Tensor, prompts: list[str], timesteps: Tensor) -> Tensor:
-        if images.ndim != 4:
-            raise ValueError(f"images: expected (B, C, H, W), got {tuple(images.shape)}")
-        _check_prompts(prompts, images.shape[0])
-        return self.sign * images.float().mean(dim=(1, 2, 3))
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline SPM: SPO_SPM (weights) and SPO_SPM_TOKENIZER (a local tokenizer directory)
-
-SPM_REPO = weights.PARTS["spm"].repo  # repositories, files and revisions: spo_runtime/model/weights.py
-SPM_FILE = weights.PARTS["spm"].files[0]
-SPM_TOKENIZER_REPO = weights.PARTS["spm_tokenizer"].repo
-
-
-def default_spm_path() -> str | None:
-    """SPO_SPM (through Settings): the default of `TrainConfig.spm_path`; a job's config overrides it."""
-    import os
-
-    from spo_runtime.settings import Settings
-
-    return Settings.from_env({k: v for k, v in os.environ.items() if k == "SPO_SPM"}).spm
-
-
-def spm_weights_file(path: str | None) -> str:
-    """The SPM weights to load: `path` (TrainConfig.spm_path, default SPO_SPM), else the released file from the
-    hub; the error says which variable to set."""
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"SPO_SPM / config.spm_path: SPM checkpoint not found: {path}")
-        return str(path)
-    try:
-        return str(weights.download(weights.fetch_for("spm", weights.env_settings())))
-    except Exception as e:  # offline, gated, missing, not pinned
-        raise CheckpointFormatError(
-            f"SPO_SPM: could not fetch {SPM_REPO}/{SPM_FILE} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            "set SPO_SPM to a local .safetensors or .bin file of the step-aware preference model"
-        ) from e
-
-
-def load_spm_tokenizer(directory: str | None):
-    """The SPM's tokenizer: from `directory` (SPO_SPM_TOKENIZER), else CLIP-ViT-H-14's from the hub; the error
-    says which variable to set."""
-    from transformers import CLIPTokenizer
-
-    try:
-        if directory and not any((Path(directory) / f).is_file() for f in ("vocab.json", "tokenizer.json")):
-            raise FileNotFoundError("no vocab.json or tokenizer.json in it")
-        source = directory or str(weights.download(weights.fetch_for("spm_tokenizer", weights.env_settings())))
-        return CLIPTokenizer.from_pretrained(source, local_files_only=True)
-    except Exception as e:
-        what = f"the tokenizer directory {directory!r}" if directory else f"{SPM_TOKENIZER_REPO} from the Hugging Face hub"
-        raise CheckpointFormatError(
-            f"SPO_SPM_TOKENIZER: could not load {what} ({type(e).__name__}: {e}); set SPO_SPM_TOKENIZER to a local "
-            "directory holding the SPM's CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json)"
-        ) from e
