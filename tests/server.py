@@ -182,20 +182,17 @@ def adapter_dir(tiny_dir, tmp_path_factory):
     import torch
 
     from spo_runtime import Settings, load_pipeline
-    from spo_runtime.lora.format import LoraModuleWeights, module_specs, save_lora_file
+    from spo_runtime.lora.format import module_specs, save_lora_file
+    from spo_runtime.training.adapter import init_lora_modules
 
     d = tmp_path_factory.mktemp("adapters")
     (d / "tiny_webui.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())
     p = load_pipeline(Settings(model="tiny", base_model=str(tiny_dir), lora_fuse=False))
-    specs = module_specs(p.unet)
     g = torch.Generator().manual_seed(5)
-    mods = {}
-    for m in [m for m in specs if m.endswith(("resnets.0.conv1", "attn2.to_v", "ff.net.2"))]:
-        sp = specs[m]
-        k = sp.kernel_size if sp.kind == "conv" else ()
-        down = torch.randn(4, sp.in_features, *k, generator=g) * 0.1
-        up = torch.randn(sp.out_features, 4, *((1, 1) if k else ()), generator=g) * 0.3
-        mods[m] = LoraModuleWeights(m, down, up, 4.0)
+    # the trainer's init, with a random up (the trainer's is zero) so that the adapter does something
+    mods = init_lora_modules(module_specs(p.unet), ["resnets.0.conv1", "attn2.to_v", "ff.net.2"], 4, 4.0, g)
+    for w in mods.values():
+        w.up.normal_(0, 0.3, generator=g)
     (d / "sub").mkdir()
     save_lora_file(d / "sub" / "conv.safetensors", mods, "diffusers")
     (d.parent / "outside.safetensors").write_bytes((tiny_dir / "spo_tiny_lora_webui.safetensors").read_bytes())

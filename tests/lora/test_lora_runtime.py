@@ -7,7 +7,8 @@ import torch
 
 from conftest import max_pixel_diff
 from spo_runtime import AdapterMemoryError, AdapterNotFoundError, LoraFormatError, Settings, load_pipeline
-from spo_runtime.lora.format import LoraModuleWeights, module_specs, save_lora_file
+from spo_runtime.lora.format import module_specs, save_lora_file
+from spo_runtime.training.adapter import init_lora_modules
 
 PROMPT = "a portrait of an astronaut, cinematic lighting"
 
@@ -72,17 +73,13 @@ def test_fused_equals_unfused(tiny_dir):
 
 
 def _conv_lora(unet, rank=4, seed=0):
-    """A LoRA on resnet convolutions, feed-forward and attention layers (alpha = rank)."""
+    """A LoRA on resnet convolutions, feed-forward and attention layers (alpha = rank): the trainer's
+    init, with a random up (the trainer's is zero) so that the adapter does something."""
     g = torch.Generator().manual_seed(seed)
     specs = module_specs(unet)
-    chosen = [m for m in specs if m.endswith(("resnets.0.conv1", "resnets.0.conv2", "ff.net.2", "attn2.to_v"))]
-    out = {}
-    for m in chosen:
-        sp = specs[m]
-        k = sp.kernel_size if sp.kind == "conv" else ()
-        down = torch.randn(rank, sp.in_features, *k, generator=g) / (sp.in_features * (k[0] * k[1] if k else 1)) ** 0.5
-        up = torch.randn(sp.out_features, rank, *((1, 1) if k else ()), generator=g) * 0.3
-        out[m] = LoraModuleWeights(m, down, up, float(rank))
+    out = init_lora_modules(specs, ["resnets.0.conv1", "resnets.0.conv2", "ff.net.2", "attn2.to_v"], rank, float(rank), g)
+    for w in out.values():
+        w.up.normal_(0, 0.3, generator=g)
     assert any(specs[m].kind == "conv" for m in out)
     return out
 
