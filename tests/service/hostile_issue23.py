@@ -1,7 +1,7 @@
 """The acceptance test of issue 23, not yet part of `make test` (its file name keeps pytest from collecting it
 until the fixes land; then it becomes tests/service/test_hostile.py). Run it alone with
 `PYTHONPATH=. .venv/bin/python -m pytest tests/service/hostile_issue23.py`: on the code of this commit 39 of its
-54 cases fail, which is the point (tests/README of the issue: each class must fail before its fix).
+54 cases fail, as the issue asks of each class before its fix.
 
 Hostile input on every door, against a real `bentoml serve` (issue 23): images bounded before they are
 decoded and decoded off the event loop, our body limits and error shapes on every route (chunked bodies and
