@@ -162,6 +162,16 @@ def to_diffusers_names(
         if not part:
             continue
         if prefix == "unet":
+            peft_names = [v[0] for k, v in part.items() if ".lora_A." in k or ".lora_B." in k]
+            if peft_names and len(peft_names) < len(part):
+                # diffusers picks one renaming by the first key, so which keys it then refuses depends on the
+                # file's key order; name both kinds, whatever the order
+                others = [v[0] for k, v in part.items() if not (".lora_A." in k or ".lora_B." in k)]
+                fail("LoRA keys do not match the UNet",
+                     [(k, "a peft name (lora_A/lora_B) in a file that also holds older diffusers names")
+                      for k in peft_names] +
+                     [(k, "an older diffusers name in a file that also holds peft names (lora_A/lora_B)")
+                      for k in others])
             if "lora_A" in next(iter(part)):
                 renamed = part
             else:  # key by key, so that two keys landing on one name are both named

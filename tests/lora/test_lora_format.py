@@ -199,6 +199,9 @@ def broken(name, specs):
     if name == "duplicate_down":
         sd[f"unet.{Q}.lora_A.weight"] = sd[DOWN].clone()
         return sd, f"unet.{Q}.lora_A.weight"
+    if name == "duplicate_down_first":  # the same, with the peft key first: diffusers would then rename none
+        sd = {f"unet.{Q}.lora_A.weight": sd[DOWN].clone(), **sd}
+        return sd, f"unet.{Q}.lora_A.weight"
     if name == "webui_missing_alpha":
         del sd[webui_key(Q, "alpha")]
         return sd, webui_key(Q, "lora_down.weight")
@@ -232,7 +235,7 @@ def broken(name, specs):
 
 BROKEN = [
     "dangling_down", "dangling_up", "unknown_module", "not_linear_or_conv", "wrong_shape", "conv_as_linear",
-    "rank_mismatch", "grammar", "non_finite", "duplicate_down", "webui_missing_alpha", "webui_alpha_without_weights",
+    "rank_mismatch", "grammar", "non_finite", "duplicate_down", "duplicate_down_first", "webui_missing_alpha", "webui_alpha_without_weights",
     "webui_alpha_zero", "webui_alpha_nan", "webui_sgm_names", "text_encoder", "text_encoder_diffusers",
     "mixed_layouts", "unknown_prefix",
 ]
