@@ -55,8 +55,13 @@ docs: $(STAMP)
 build: $(STAMP)
 	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml build
 
+# Two pytest-xdist workers (TEST_JOBS), one group per server configuration or module (tests/conftest.py), then
+# the tests marked `serial` (a soak, a timed load test: they measure capacity) alone. Exit 5 is "nothing
+# selected" (a PYTEST_ARGS -k that picks tests of one phase only).
+TEST_JOBS ?= 2
 test: $(DEV_STAMP) deps-system
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadgroup -m "not serial" --durations=15 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m serial --durations=5 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # The unit tests alone: no `bentoml serve` (marker `server`) and none of the `slow` ones (training runs,
 # subprocesses that import the whole stack); about a minute. `make test` runs these and the rest.

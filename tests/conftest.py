@@ -16,10 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from server import adapter_dir, standard_server  # noqa: F401  (session fixtures, seen by pytest from here)
+from server import STARTUPS, adapter_dir, standard_server  # noqa: F401  (session fixtures, seen by pytest from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs the suite in two pytest-xdist workers (PYTEST_XDIST_WORKER is set in each): one intra-op
+# thread each, so that the two share the two cores instead of four OpenMP threads spinning on them, and
+# passive OpenMP waits in this process and every process it starts (servers, CLI runs, training ranks)
+XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if XDIST:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1 if XDIST else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
@@ -101,19 +107,36 @@ def system_tool(name: str, package: str) -> str:
     return path
 
 
-def pytest_terminal_summary(terminalreporter):
-    """How long the `bentoml serve` start-ups of this run took (tests/server.py's Server, this process)."""
-    from server import STARTUPS
+def pytest_sessionfinish(session):
+    """An xdist worker hands its server start-ups to the controller (pytest_testnodedown below)."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["startups"] = list(STARTUPS)
 
+
+def pytest_testnodedown(node, error):
+    STARTUPS.extend(tuple(s) for s in getattr(node, "workeroutput", {}).get("startups", ()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long the `bentoml serve` start-ups of this run took (tests/server.py's Server, in this process or
+    in the xdist workers)."""
     if STARTUPS:
         each = ", ".join(f"{name} {s:.1f}" for name, s in STARTUPS)
         terminalreporter.write_line(f"bentoml serve start-ups: {len(STARTUPS)}, {sum(s for _, s in STARTUPS):.1f} s "
                                     f"to ready in all ({each})")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """A test that takes a server fixture carries the `server` marker, so that `-m "not server"` (make
-    test-fast) never starts one."""
+    test-fast) never starts one.
+
+    Each test gets an xdist group, so that `make test`'s two workers (`--dist loadgroup`) start each server
+    once: the tests of the shared standard server form one group, every other test runs with the rest of
+    its module (whose module-scoped servers and pipelines it shares)."""
     for item in items:
-        if {"standard_server", "server"} & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("server") is None:
+        names = set(getattr(item, "fixturenames", ()))
+        if {"standard_server", "server"} & names and item.get_closest_marker("server") is None:
             raise pytest.UsageError(f"{item.nodeid} uses a server fixture: mark it @pytest.mark.server")
+        group = "standard_server" if "standard_server" in names else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))

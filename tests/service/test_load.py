@@ -14,7 +14,7 @@ import pytest
 
 from server import ROOT, Server
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.serial]  # a timed load test: alone on the machine
 TOKEN = "load-token-456"
 USERS = 6
 RUN_S = 20

@@ -23,7 +23,7 @@ from PIL import Image
 
 from server import Server
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.serial]  # the soak measures capacity: alone on the machine
 TOKEN = "resilience-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DAMAGED = b'{"version": 3, "default_lora_scale": 0.5, "adapters": {"x": '  # cut off mid-write
