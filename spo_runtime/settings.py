@@ -132,7 +132,7 @@ class Settings(BaseModel):
         description="work waiting and running before 429, in UNet passes over one image of the preset's default size "
                     "(an image costs width x height / default size squared x the steps it runs, x2 with guidance; a "
                     "running image counts the steps it has left); unset: (SPO_MAX_QUEUE + SPO_MAX_BATCH) x 40, what "
-                    "that many default requests (20 steps, guidance) cost (docs/api.md, Admission)")
+                    "that many default requests (20 steps, guidance) cost; per worker (docs/api.md, Operations, Admission)")
     request_timeout_s: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False,
                                      description="longest a request may take, in seconds (a request may ask for less "
                                                  "with timeout_s)")
