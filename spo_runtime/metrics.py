@@ -42,7 +42,7 @@ class Metrics:
         self.encode = Histogram("encode_seconds", "Seconds of text encoding per admitted request", buckets=LATENCY_BUCKETS, **kw)
         self.denoise = Histogram("denoise_seconds", "Seconds from admission to the last step", buckets=LATENCY_BUCKETS, **kw)
         self.decode = Histogram("decode_seconds", "Seconds of VAE decoding per finished request", buckets=LATENCY_BUCKETS, **kw)
-        self.images = Counter("images_total", "Images generated", ["size", "scheduler"], **kw)
+        self.images = Counter("images_total", "Images generated, by size class (size_class) and scheduler", ["size", "scheduler"], **kw)
         self.rejected = Counter("rejected_total", "Requests refused or failed, by reason", ["reason"], **kw)
         self.lora_scale = Gauge("default_lora_scale", "Current default LoRA scale", multiprocess_mode="mostrecent", **kw)
         self.adapters = Gauge("adapters_loaded", "Loaded LoRA adapters", multiprocess_mode="max", **kw)
