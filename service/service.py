@@ -2,7 +2,8 @@
 
 Thin by design: this file holds start-up, the SIGTERM drain, /generate and /generate_batch, and mounts the
 route table (`app`: /generate/stream, /info, /admin/*, /train/*, the OpenAI and A1111 routes) behind the
-door (`door.Contract`: body limits, media types, the request schema, error shapes). The HTTP bodies are
+door (`door.Contract`: body limits, media types, the request schema, error shapes), with BentoML's HTTP
+metrics labelled by route template (`paths`). The HTTP bodies are
 in `schemas`, the error mapping in `errors`, what the routes share in `context`; the work is
 `spo_runtime`'s. The model loads in a background thread so /livez answers at once; /readyz turns 200
 after one warm-up image.
@@ -24,7 +25,7 @@ import bentoml
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
-from service import context, door, workers
+from service import context, door, paths, workers
 from service.app import ERROR_SHAPES, app
 from service.auth import admin_token, api_unauthorized
 from service.errors import map_error
@@ -257,3 +258,4 @@ SPOService.add_asgi_middleware(
     docs=functools.partial(declare_responses, routes={"/generate": (list(FORMATS.values()), None),
                                                       "/generate_batch": (["application/json"], BatchResponse)},
                            stream=BODIES.stream))
+paths.bound_http_metrics(SPOService)  # BentoML's HTTP series labelled by route template, not by raw path

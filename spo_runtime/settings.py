@@ -127,6 +127,12 @@ class Settings(BaseModel):
     vae_decode_batch: int | None = Field(None, ge=1, le=256, description="at most this many images per VAE decode call; "
                                          "unset: sized by free GPU memory (one call on the CPU), halved on out of memory")
     max_queue: int = Field(64, ge=0, description="waiting images before 429")
+    max_queue_cost: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="work waiting and running before 429, in UNet passes over one image of the preset's default size "
+                    "(an image costs width x height / default size squared x the steps it runs, x2 with guidance; a "
+                    "running image counts the steps it has left); unset: (SPO_MAX_QUEUE + SPO_MAX_BATCH) x 40, what "
+                    "that many default requests (20 steps, guidance) cost; per worker (docs/api.md, Operations, Admission)")
     request_timeout_s: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False,
                                      description="longest a request may take, in seconds (a request may ask for less "
                                                  "with timeout_s)")

@@ -58,7 +58,8 @@ class Engine:
         self.faults = faults
         self.died: str | None = None
         self._cv = threading.Condition()  # an RLock: submit holds it around scheduler.add, which takes it again
-        self.scheduler = Scheduler(config, self.metrics, clock, self._cv)  # its state is under self._cv
+        self.scheduler = Scheduler(config, self.metrics, clock, self._cv,  # its state is under self._cv
+                                   default_size=pipe.preset.default_size)
         self.runner = Runner(pipe, faults, clock, self.scheduler.retry_after)
         # read and written under self._cv
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
@@ -94,7 +95,8 @@ class Engine:
 
     def submit(self, requests: list[GenerationRequest | dict], timeout_s: float | None = None,
                progress: Callable[[Progress], None] | None = None, preview: bool = False) -> Submission:
-        """Queue `requests` (one size) as one submission; fails fast when the queue is full."""
+        """Queue `requests` (one size) as one submission; fails fast when the queue is full (SPO_MAX_QUEUE
+        images waiting, or SPO_MAX_QUEUE_COST of work queued and running)."""
         if not requests:
             raise InvalidRequestError("requests", "must hold at least one request")
         parsed = [self.pipe.parse(r) for r in requests]
@@ -113,7 +115,7 @@ class Engine:
                 raise EngineUnavailableError("the engine is stopped")
             if self.died is not None:
                 raise EngineUnavailableError(f"the engine thread died ({self.died}); restart the server", retry_after=30)
-            self.scheduler.add(sub)  # QueueFullError past SPO_MAX_QUEUE
+            self.scheduler.add(sub)  # QueueFullError past SPO_MAX_QUEUE or SPO_MAX_QUEUE_COST
             self._cv.notify_all()
         return sub
 

@@ -38,6 +38,7 @@ class Submission:
     progress: Callable[[Progress], None] | None = None
     preview: bool = False  # Progress carries a CPU copy of the row's latent
     position: int = 0  # images ahead of this submission in the queue when it was submitted
+    costs: tuple[int, ...] = ()  # each image's pixel-passes (engine/cost.py), set when it is queued
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary (e.g. the client went away)."""

@@ -9,7 +9,8 @@ recent step time) and the two halves of a step that touch it, both under the eng
     the running group, remove finished and failed rows, count. It returns what to tell the callers (the
     progress notes and the answers), which the engine delivers outside the lock.
 
-Admission (`add`, refused with 429 when the queue is full) and the reads for other threads (`stats`,
+Admission (`add`, refused with 429 when the queue is full, or when the work queued and running would cost
+more than SPO_MAX_QUEUE_COST: `cost.py`) and the reads for other threads (`stats`,
 `retry_after`, `running_scales`, `oldest_running`) take the same lock. Nothing here calls the model: the
 scheduler runs on CPU in tests, driven by hand.
 """
@@ -25,11 +26,12 @@ from typing import Any, Callable
 
 import torch
 
+from spo_runtime.engine import cost
 from spo_runtime.engine.config import EngineConfig
 from spo_runtime.engine.plan import Progress, RunningImage, Size, Slot, StepPlan, StepResult, Submission
 from spo_runtime.errors import (AdapterNotFoundError, DeadlineExceededError, InvalidRequestError, NonFiniteError,
                                 QueueFullError, RequestCancelledError)
-from spo_runtime.metrics import Metrics
+from spo_runtime.metrics import Metrics, size_class
 from spo_runtime.requests import ActiveRequest, Status
 
 Answer = tuple[concurrent.futures.Future, Any, BaseException | None]  # (future, value, error): set one
@@ -39,11 +41,13 @@ Note = tuple[Callable[[Progress], None], Progress]  # a progress callback and wh
 class Scheduler:
     """The queue and the running groups. `lock` is the engine's one Condition; every public method takes it.
     It must be reentrant (a Condition's default RLock): the engine holds it around `add`, which takes it
-    again, as does the `retry_after` that a full queue's error reads."""
+    again, as does the `retry_after` that a full queue's error reads. `default_size`: the preset's, the
+    size whose one UNet pass is a unit of cost."""
 
     def __init__(self, config: EngineConfig, metrics: Metrics, clock: Callable[[], float],
-                 lock: threading.Condition | None = None):
+                 lock: threading.Condition | None = None, default_size: int = 64):
         self.config = config
+        self.default_size = default_size
         self.metrics = metrics
         self._clock = clock
         self._lock = threading.Condition() if lock is None else lock
@@ -59,7 +63,10 @@ class Scheduler:
     # -- admission ---------------------------------------------------------------------------
 
     def add(self, sub: Submission) -> None:
-        """Queue every image of `sub` behind the waiting ones; QueueFullError past SPO_MAX_QUEUE."""
+        """Queue every image of `sub` behind the waiting ones; QueueFullError past SPO_MAX_QUEUE (images
+        waiting) or past SPO_MAX_QUEUE_COST (the cost of the images waiting and running, and of `sub`'s)."""
+        h, w = sub.size
+        sub.costs = tuple(cost.waiting_cost(r, h, w) for r in sub.requests)
         with self._lock:
             waiting = len(self._waiting) - self._admitting
             if waiting + len(sub.requests) > self.config.max_queue:
@@ -68,9 +75,32 @@ class Scheduler:
                     f"queue: {waiting} images wait (SPO_MAX_QUEUE={self.config.max_queue}); retry later",
                     retry_after=self.retry_after(),
                 )
+            queued, new, limit = self._cost(), sum(sub.costs), self.config.queue_cost_limit
+            if queued + new > limit * self.default_size ** 2:  # in exact pixel-passes
+                self.metrics.rejected.labels("queue_cost").inc()
+                raise QueueFullError(self._cost_refusal(sub, self._units(queued), self._units(new), limit),
+                                     retry_after=self.retry_after())
             sub.position = waiting
             self._waiting.extend((sub, i) for i in range(len(sub.requests)))
             self.metrics.queue_depth.set(len(self._waiting) - self._admitting)
+            self.metrics.queue_cost.set(self._units(queued + new))
+
+    def _cost(self) -> int:
+        """Pixel-passes of every image waiting (all its steps) and running (the steps it has left), but those
+        of submissions that leave at the next boundary (cancelled, answered): freed at once (lock held)."""
+        waiting = sum(sub.costs[i] for sub, i in self._waiting if _live(sub))
+        return waiting + sum(cost.running_cost(s) for g in self._running.values() for s in g if _live(s.tag[0]))
+
+    def _units(self, pixel_passes: int) -> float:
+        return cost.units(pixel_passes, self.default_size)
+
+    def _cost_refusal(self, sub: Submission, queued: float, new: float, limit: float) -> str:
+        (h, w), d = sub.size, self.default_size
+        what = (f"queue cost: {len(sub.requests)} image(s) of {w}x{h} cost {new:g} (width x height / {d}x{d} x "
+                f"steps, x2 with guidance)")
+        if new > limit:
+            return f"{what}, more than SPO_MAX_QUEUE_COST={limit:g} allows; ask for fewer or smaller images or fewer steps"
+        return f"{what}, and {queued:g} is queued or running (SPO_MAX_QUEUE_COST={limit:g}); retry later"
 
     @property
     def has_work(self) -> bool:
@@ -156,7 +186,7 @@ class Scheduler:
                 s.status = Status.FINISHED
                 self.metrics.denoise.observe(r.timings["denoise_ms"] / 1e3)
                 self.metrics.decode.observe(r.timings.get("decode_ms", 0.0) / 1e3)
-                self.metrics.images.labels(f"{s.width}x{s.height}", s.request.scheduler).inc()
+                self.metrics.images.labels(size_class(s.width, s.height), s.request.scheduler).inc()
                 sub.results[i] = r
                 if all(x is not None for x in sub.results) and not (sub.answered or sub.future.done()):
                     sub.answered = True
@@ -177,6 +207,7 @@ class Scheduler:
                 self.metrics.batch_size.observe(result.batch_size)
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.running.set(sum(len(g) for g in self._running.values()))
+            self.metrics.queue_cost.set(self._units(self._cost()))
         return notes, answers
 
     def _set_group(self, size: Size, rows: tuple[ActiveRequest, ...]) -> None:
@@ -205,6 +236,7 @@ class Scheduler:
             self._admitting = 0
             for sub in subs:
                 self._fail(sub, err, answers)
+            self.metrics.queue_cost.set(0)
         return answers
 
     # -- observation (any thread) ------------------------------------------------------------
@@ -243,6 +275,8 @@ class Scheduler:
                 "step_seconds_ewma": self._step_ewma,
                 "max_batch": self.config.max_batch,
                 "max_queue": self.config.max_queue,
+                "queue_cost": round(self._units(self._cost()), 3),
+                "max_queue_cost": self.config.queue_cost_limit,
                 "request_timeout_s": self.config.request_timeout_s,
                 "batching": self.config.batching,
             }
@@ -255,6 +289,11 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, NonFiniteError):
         return "non_finite"
     return "error"
+
+
+def _live(sub: Submission) -> bool:
+    """Still to be run: not cancelled or answered (such a submission leaves at the next boundary)."""
+    return not (sub.cancelled or sub.answered or sub.future.done())
 
 
 def _leaves(sub: Submission, now: float, drop: dict[Submission, BaseException], config: EngineConfig) -> BaseException | None:

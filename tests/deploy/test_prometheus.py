@@ -156,8 +156,9 @@ def test_prometheus_scrapes_a_live_server_and_answers_promql(tmp_path):
             prom.wait('up{job="spo-serve"}', lambda v: v == 1)
             before = prom.wait('sum(spo_images_total{job="spo-serve"})', lambda v: v >= 1)
             with ThreadPoolExecutor(5) as pool:
-                bodies = [{"prompt": "a fox", "seed": i, "num_inference_steps": 4, "width": size, "height": size}
-                          for i, size in enumerate([64, 64, 64, 32, 32])]
+                # `size` is a pixel class: 56x64 and 32x128 have at most 64x64's pixels, so they count as 64x64
+                bodies = [{"prompt": "a fox", "seed": i, "num_inference_steps": 4, "width": w, "height": h}
+                          for i, (w, h) in enumerate([(64, 64), (56, 64), (32, 128), (32, 32), (32, 32)])]
                 codes = list(pool.map(lambda b: httpx.post(s.url + "/generate", json=b, timeout=60).status_code, bodies))
             assert codes == [200] * 5
             total = prom.wait("sum(spo_images_total)", lambda v: v >= before + 5)

@@ -74,7 +74,8 @@ def test_two_sizes_share_the_engine_and_images_match_alone(epipe):
 
 
 def test_queue_limit_fails_fast_with_retry_after(epipe):
-    eng = make_engine(epipe, max_batch=1, max_queue=2)
+    # the count alone: three 30-step images cost more than the default SPO_MAX_QUEUE_COST (3 x 40; test_cost.py)
+    eng = make_engine(epipe, max_batch=1, max_queue=2, max_queue_cost=1000)
     try:
         subs = [eng.submit([dict(prompt="a", seed=i, num_inference_steps=30)]) for i in range(2)]
         wait_until(lambda: eng.stats()["running"] == 1)

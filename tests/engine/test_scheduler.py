@@ -374,6 +374,8 @@ def test_queue_full_raises_with_retry_after(make):
     assert eng.stats() == {
         "waiting": 2, "running": 1, "groups": {"64x64": 1}, "steps": 1, "step_seconds_ewma": eng.stats()["step_seconds_ewma"],
         "max_batch": 1, "max_queue": 2, "request_timeout_s": 300.0, "batching": "step",
+        # guided 64x64 images: 2 units a step; running: 4 steps left of 5, waiting: 5 and 3 steps
+        "queue_cost": 2 * (4 + 5 + 3), "max_queue_cost": (2 + 1) * 40.0,
     }
     with pytest.raises(QueueFullError) as e:
         eng.submit([req(5)])

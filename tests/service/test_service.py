@@ -253,17 +253,20 @@ def test_queue_limit_gives_429_with_retry_after(server):
                     await asyncio.sleep(0.05)
                 raise AssertionError(f"engine never reached the state: {engine}")
 
+            # within the default SPO_MAX_QUEUE_COST ((16 + 8) x 40): 8 x 100 unguided steps (800) and 2 x 8 x 2 (32)
             holder = asyncio.ensure_future(client.post("/generate_batch", json=dict(
-                prompt="q", seed=0, n=8, num_inference_steps=100, width=128, height=128)))
+                prompt="q", seed=0, n=8, num_inference_steps=100, guidance_scale=1.0)))
             await wait_for(lambda e: e["running"] == 8)
             fillers = [asyncio.ensure_future(client.post("/generate_batch", json=dict(
-                prompt="q", seed=10 * i, n=8, num_inference_steps=1, width=128, height=128))) for i in (1, 2)]
+                prompt="q", seed=10 * i, n=8, num_inference_steps=1))) for i in (1, 2)]
             await wait_for(lambda e: e["waiting"] == 16)
+            engine = (await client.get("/info")).json()["engine"]
             r429 = await client.post("/generate", json=dict(prompt="one more", num_inference_steps=1))
             holder.cancel()
-            return r429, await asyncio.gather(*fillers)
+            return engine, r429, await asyncio.gather(*fillers)
 
-    r429, filled = asyncio.run(go())
+    engine, r429, filled = asyncio.run(go())
+    assert engine["max_queue_cost"] == 960 and 32 < engine["queue_cost"] <= 832, engine
     assert r429.status_code == 429, r429.text
     assert int(r429.headers["retry-after"]) >= 1 and "SPO_MAX_QUEUE" in r429.json()["error"]
     assert server.metrics()['spo_rejected_total{reason="queue_full"}'] == before + 1
@@ -342,7 +345,8 @@ def test_metrics_expose_every_series(server):
     names = {k.split("{")[0] for k in m}
     for expected in ["spo_queue_depth", "spo_batch_size_count", "spo_step_seconds_count", "spo_queue_wait_seconds_count",
                      "spo_encode_seconds_count", "spo_denoise_seconds_count", "spo_decode_seconds_count", "spo_images_total",
-                     "spo_rejected_total", "spo_default_lora_scale", "spo_adapters_loaded", "spo_adapter_memory_bytes"]:
+                     "spo_rejected_total", "spo_default_lora_scale", "spo_adapters_loaded", "spo_adapter_memory_bytes",
+                     "spo_queue_cost"]:
         assert expected in names, expected
     assert m['spo_images_total{scheduler="ddim",size="64x64"}'] > 10
 
