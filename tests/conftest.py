@@ -126,6 +126,9 @@ def pytest_terminal_summary(terminalreporter):
                                     f"to ready in all ({each})")
 
 
+GROUP = pytest.StashKey[str]()
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """A test that takes a server fixture carries the `server` marker, so that `-m "not server"` (make
@@ -140,3 +143,9 @@ def pytest_collection_modifyitems(items):
             raise pytest.UsageError(f"{item.nodeid} uses a server fixture: mark it @pytest.mark.server")
         group = "standard_server" if "standard_server" in names else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
+        item.stash[GROUP] = group
+    if XDIST:
+        # the groups holding servers and slow tests first, so that the run does not end on one of them with
+        # the other worker idle (xdist hands out groups in this order)
+        heavy = {item.stash[GROUP] for item in items if item.get_closest_marker("server") or item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.stash[GROUP] not in heavy)
