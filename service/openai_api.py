@@ -18,7 +18,6 @@ the framework's included (a hook of the door middleware). With SPO_API_TOKEN set
 from __future__ import annotations
 
 import base64
-import json
 import re
 import secrets
 import time
@@ -230,11 +229,7 @@ async def _answer(svc, request: Request, opts: dict, fields: dict) -> Response:
 
 @guarded(GUARD)
 async def generations(svc, request: Request) -> Response:
-    raw = await request.body()
-    try:
-        body = json.loads(raw or b"null")
-    except ValueError as e:
-        raise InvalidRequestError("body", f"must be JSON ({e})") from None
+    body = context.json_body(await request.body() or b"null")
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
     opts = parse(body, svc)
