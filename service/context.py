@@ -140,7 +140,7 @@ class Shape:
     """How one API answers what `guarded` refuses: a caller without credentials, a typed error."""
 
     unauthorized: Callable[[], Response]
-    error: Callable[[BaseException], Response]
+    error: Callable[..., Response]  # (exception, admin: whether the caller holds the admin token) -> answer
     admin: bool = False  # admin routes: the admin token, and readiness as `not_ready(admin=True)`
     basic: bool = False  # HTTP Basic with the token as the password is accepted too (A1111)
     retry_after: float | None = None  # this API's Retry-After when not ready (None: the reason's own)
@@ -168,7 +168,7 @@ def guarded(shape: Shape, ready: bool = True):
                     raise reason
                 return await handler(svc, request)
             except Exception as e:
-                return shape.error(e)
+                return shape.error(e, admin=svc is not None and credentials_ok(svc, request.headers, admin=True))
 
         return wrapped
 
