@@ -24,11 +24,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pydantic import ValidationError
+
 from service import context
 from service.context import Shape, guarded
 from service.errors import foreign_shape
+from service.schemas import A1111Body
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.limits import MAX_IMAGES, MAX_SEED
+from spo_runtime.validation import validation_error
 
 SAMPLERS = {"DDIM": "ddim", "Euler": "euler", "DPM++ 2M": "dpmpp_2m_karras"}
 A1111_NAMES = {v: k for k, v in SAMPLERS.items()}
@@ -92,7 +96,7 @@ _IGNORED = {"subseed", "seed_enable_extras", "do_not_save_samples", "do_not_save
             "firstphase_width", "firstphase_height", "include_init_images", "mask_blur", "mask_blur_x", "mask_blur_y",
             "mask_round", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
             "resize_mode", "user", "batch_count"}
-_HR = re.compile(r"^hr_|^hr$")
+_HR = re.compile(r"hr(_.*)?", re.S)  # hires-fix fields: hr, hr_*
 _OURS = {"prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "sampler_name", "scheduler",
          "eta", "batch_size", "n_iter", "init_images", "denoising_strength"}
 
@@ -131,10 +135,11 @@ def split_lora(prompt: str) -> tuple[str, str | None, float | None]:
 
 
 def sampler(body: dict) -> str:
+    field = "sampler_name" if body.get("sampler_name") or not body.get("sampler_index") else "sampler_index"
     name = body.get("sampler_name") or body.get("sampler_index") or "DDIM"
     name = ALIASES.get(name, name)
     if name not in SAMPLERS:
-        raise InvalidRequestError("sampler_name", f"must be one of {', '.join(SAMPLERS)} (the samplers this server "
+        raise InvalidRequestError(field, f"must be one of {', '.join(SAMPLERS)} (the samplers this server "
                                                   f"implements), got {name!r}")
     schedule = body.get("scheduler") or "automatic"
     if body.get("sampler_name") == "DPM++ 2M Karras" and schedule.lower() == "automatic":
@@ -150,6 +155,11 @@ def parse(body: dict, svc, img2img: bool) -> dict:
     """A1111's body -> {"request": the common fields, "n", "seed", "prompt", "adapter", "scale", "inits"}."""
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
+    try:  # every field's JSON type first: a list sampler_name or a string seed is a 400 naming it
+        body = A1111Body.model_validate(body).model_dump(exclude_unset=True)
+    except ValidationError as e:
+        raise validation_error(e, A1111Body) from None
+    context.check_finite(body)  # a NaN where the model takes any JSON (comments, script_args, ...): not echoable
     enable_hr = bool(body.get("enable_hr"))
     for key, value in body.items():
         if key in _OURS or key in _IGNORED:
@@ -157,7 +167,7 @@ def parse(body: dict, svc, img2img: bool) -> dict:
         if key == "override_settings":
             _override_settings(value or {}, svc)
             continue
-        if _HR.match(key):
+        if _HR.fullmatch(key):
             if enable_hr:
                 raise InvalidRequestError("enable_hr", "hires fix is not supported: send enable_hr false")
             continue
@@ -167,18 +177,15 @@ def parse(body: dict, svc, img2img: bool) -> dict:
             raise InvalidRequestError(key, f"{what}; accepted only at a value that leaves the image unchanged, "
                                            f"got {value!r}")
     prompt = body.get("prompt", "")
-    if not isinstance(prompt, str):
-        raise InvalidRequestError("prompt", f"must be a string, got {type(prompt).__name__}")
     text, adapter, scale = split_lora(prompt)
     if not text:
         raise InvalidRequestError("prompt", "must hold some text besides <lora:...> tags")
     negative = body.get("negative_prompt", "")
-    if negative is not None and not isinstance(negative, str):
-        raise InvalidRequestError("negative_prompt", f"must be a string, got {type(negative).__name__}")
     batch = _number(body, "batch_size", 1, True)
     iters = _number(body, "n_iter", 1, True)
     if batch < 1 or iters < 1 or batch * iters > MAX_IMAGES:
-        raise InvalidRequestError("batch_size", f"batch_size x n_iter must be in 1..{MAX_IMAGES}, got {batch} x {iters}")
+        raise InvalidRequestError("n_iter" if iters < 1 <= batch else "batch_size",
+                                  f"batch_size x n_iter must be in 1..{MAX_IMAGES}, got {batch} x {iters}")
     seed = _number(body, "seed", -1, True)
     if seed < -1 or seed > MAX_SEED:
         raise InvalidRequestError("seed", f"must be -1 (random) or in 0..{MAX_SEED}, got {seed}")
@@ -268,11 +275,7 @@ def _png(image, text: str) -> str:
 
 
 async def _generate(svc, request: Request, img2img: bool) -> Response:
-    raw = await request.body()
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError as e:
-        raise InvalidRequestError("body", f"must be JSON ({e})") from None
+    body = context.json_body(await request.body() or b"{}")
     parsed = await anyio.to_thread.run_sync(parse, body, svc, img2img)
     base = parsed["request"]
     fields = [{**base, "init_image": im} for im in parsed["inits"]] or [base]  # image i % len(inits) for image i

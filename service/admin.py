@@ -1,7 +1,8 @@
 """/info and the admin routes (/admin/*: the default LoRA scale and adapter, loading, unloading and
-listing adapters). Admin token only, but /info (whose file paths need it). Every handler raises
-spo_runtime's typed errors (mapped to HTTP in one place) and runs its blocking work (file locks, fsync,
-adapter reads) off the event loop."""
+listing adapters). Admin token only, but /info: open to all, it shows file paths, host names, pids and
+error texts only to the admin token (others get short reason codes). Every handler raises spo_runtime's
+typed errors (mapped to HTTP in one place) and runs its blocking work (file locks, fsync, adapter reads)
+off the event loop."""
 
 from __future__ import annotations
 
@@ -25,16 +26,33 @@ async def info(request: Request) -> Response:
     from spo_runtime import __version__
 
     svc = context.bound()
+    authed = svc is not None and context.credentials_ok(svc, request.headers, admin=True)
+    own = {"pid": os.getpid()} if authed else {}
     if svc is None or svc.pipe is None:
-        return JSONResponse({"ready": False, "failure": svc.failure if svc else None, "version": __version__,
-                             "worker_index": worker_index(), "pid": os.getpid()})
-    authed = context.credentials_ok(svc, request.headers, admin=True)
+        failure = svc.failure if svc else None
+        return JSONResponse({"ready": False, "failure": failure if authed else reason_code(failure),
+                             "version": __version__, "worker_index": worker_index(), **own})
     body = svc.pipe.info(show_paths=authed)
     reports = await anyio.to_thread.run_sync(svc.sync.workers) if svc.sync else []
     workers = await anyio.to_thread.run_sync(describe, svc.settings.data_dir, reports)  # each one's index and device
-    body.update({"ready": svc.ready, "engine": svc.engine.stats(), "workers": workers, "worker_index": worker_index(),
-                 "pid": os.getpid(), "uptime_s": round(time.time() - svc.started, 1)})
+    body.update({"ready": svc.ready, "engine": svc.engine.stats(),
+                 "workers": workers if authed else [public_worker(w) for w in workers], "worker_index": worker_index(),
+                 **own, "uptime_s": round(time.time() - svc.started, 1)})
     return JSONResponse(body)
+
+
+def reason_code(failure: str | None) -> str | None:
+    """Why the model failed to load, for callers without the admin token: the exception's type only
+    (its message may hold paths, hub ids or host names; the admin sees it whole)."""
+    return None if failure is None else failure.split(":", 1)[0].strip() or "load_failed"
+
+
+def public_worker(w: dict) -> dict:
+    """A worker of /info without the admin token: no host or pid, and each error as a reason code."""
+    out = {k: v for k, v in w.items() if k not in ("host", "pid")}
+    if "errors" in w:
+        out["errors"] = {k: "damaged" if k == "admin_state" else "not_loaded" for k in w["errors"] or {}}
+    return out
 
 
 @guarded(ADMIN)

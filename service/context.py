@@ -14,6 +14,8 @@ import functools
 import hmac
 import json
 import logging
+import math
+import re
 import secrets
 import time
 import uuid
@@ -138,7 +140,7 @@ class Shape:
     """How one API answers what `guarded` refuses: a caller without credentials, a typed error."""
 
     unauthorized: Callable[[], Response]
-    error: Callable[[BaseException], Response]
+    error: Callable[..., Response]  # (exception, admin: whether the caller holds the admin token) -> answer
     admin: bool = False  # admin routes: the admin token, and readiness as `not_ready(admin=True)`
     basic: bool = False  # HTTP Basic with the token as the password is accepted too (A1111)
     retry_after: float | None = None  # this API's Retry-After when not ready (None: the reason's own)
@@ -166,7 +168,7 @@ def guarded(shape: Shape, ready: bool = True):
                     raise reason
                 return await handler(svc, request)
             except Exception as e:
-                return shape.error(e)
+                return shape.error(e, admin=svc is not None and credentials_ok(svc, request.headers, admin=True))
 
         return wrapped
 
@@ -178,6 +180,48 @@ async def body(request: Request, model):
     (InvalidRequestError naming the field)."""
     value = door.parsed(request.scope, model)
     return value if value is not None else door.parse_body(model, await request.body())
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_body(raw: bytes) -> Any:
+    """A compatibility route's JSON body, parsed by Python's json (NaN and Infinity parse: the route's model
+    refuses them naming the field), or InvalidRequestError naming `body`: not JSON, nested too deep, or a
+    lone surrogate escape ("\\ud800") in a string or a key, which no answer could echo as UTF-8."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise InvalidRequestError("body", "must be JSON nested less deep") from None
+    except ValueError as e:
+        raise InvalidRequestError("body", f"must be JSON ({e})") from None
+    for where, leaf in leaves(value):
+        if isinstance(leaf, str) and _SURROGATE.search(leaf):
+            raise InvalidRequestError("body", f"must be valid UTF-8 text: a lone surrogate escape in {where}")
+    return value
+
+
+def leaves(value: Any):
+    """(path, value) of every key and scalar in a parsed JSON value (path: a.b.0, or body for the top level),
+    without recursion."""
+    stack: list[tuple[str | None, Any]] = [(None, value)]
+    while stack:
+        at, v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                yield at or "body", k
+                stack.append((k if at is None else f"{at}.{k}", item))
+        elif isinstance(v, list):
+            stack.extend((f"{at or 'body'}.{i}", item) for i, item in enumerate(v))
+        else:
+            yield at or "body", v
+
+
+def check_finite(value: Any) -> None:
+    """InvalidRequestError naming the first NaN or Infinity in a parsed JSON value (no answer can echo one)."""
+    for where, leaf in leaves(value):
+        if isinstance(leaf, float) and not math.isfinite(leaf):
+            raise InvalidRequestError(where, f"must be a finite number, got {leaf}")
 
 
 # -- running requests ----------------------------------------------------------------------------------
@@ -215,7 +259,7 @@ async def run(svc: Service, request: Request, fields: list[dict], n: int, seed: 
 def request_id(headers: Mapping[str, str]) -> str:
     """The caller's X-Request-Id when it is short and plain, else a fresh one."""
     given = headers.get("x-request-id", "")
-    return given if given and len(given) <= 64 and given.replace("-", "").isalnum() else uuid.uuid4().hex
+    return given if given and len(given) <= 64 and given.isascii() and given.replace("-", "").isalnum() else uuid.uuid4().hex
 
 
 _LOGGED = ("width", "height", "num_inference_steps", "guidance_scale", "scheduler", "lora_scale", "adapter", "n")

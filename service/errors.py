@@ -39,8 +39,10 @@ class Conflict(Exception):
         super().__init__(f"{field}: {message}")
 
 
-def map_error(e: BaseException) -> JSONResponse:
-    """spo_runtime's typed errors -> HTTP; anything else is a logged 500 that names only the type."""
+def map_error(e: BaseException, admin: bool = False) -> JSONResponse:
+    """spo_runtime's typed errors -> HTTP; anything else is a logged 500 that names only the type. `admin`:
+    the caller holds the admin token, so an unknown adapter's 400 lists the loaded ones (to others it does
+    not: error messages travel further than the answers of the listing routes)."""
     from spo_runtime.errors import (AdapterInUseError, AdapterMemoryError, AdapterNotFoundError, DeadlineExceededError,
                                     EngineUnavailableError, JobNotFoundError, JobStateError, LoraFormatError,
                                     NonFiniteError, QueueFullError, RequestCancelledError)
@@ -54,7 +56,7 @@ def map_error(e: BaseException) -> JSONResponse:
     if isinstance(e, JobNotFoundError):
         return error_response(404, str(e), "job_id", kind="not_found")
     if isinstance(e, AdapterNotFoundError):
-        return error_response(400, str(e), "adapter")
+        return error_response(400, str(e) if admin else f"adapter: {e.name!r} is not loaded", "adapter")
     if isinstance(e, LoraFormatError):
         return error_response(400, f"file: {e}", "file")
     if isinstance(e, AdapterInUseError):
@@ -87,9 +89,9 @@ class ForeignShape:
     is_own: Callable[[dict], bool]
     renames: dict[str, str] = field(default_factory=dict)
 
-    def from_exception(self, e: BaseException) -> JSONResponse:
+    def from_exception(self, e: BaseException, admin: bool = False) -> JSONResponse:
         """spo_runtime's typed errors (mapped once, by map_error) in this shape, under the client's field names."""
-        resp = map_error(e)
+        resp = map_error(e, admin)
         message, name = _fields(json.loads(resp.body))
         if name in self.renames:
             message, name = f"{self.renames[name]}: {message.removeprefix(name + ': ')}", self.renames[name]

@@ -6,7 +6,8 @@
                                   the SDK's extra_body: seed, num_inference_steps
     POST /v1/images/edits         multipart (as the SDK sends it): image (one), prompt, n, size, ... ->
                                   img2img at `strength` (ours, default 0.75); a mask is refused
-    GET  /v1/images/files/{id}    a `url` result, for SPO_IMAGE_TTL_S (then 404), under SPO_IMAGE_CACHE_MB
+    GET  /v1/images/files/{id}    a `url` result, for SPO_IMAGE_TTL_S (then 404), under SPO_IMAGE_CACHE_MB; the
+                                  url is SPO_PUBLIC_URL + /v1/images/files/{id}, or relative when it is unset
     GET  /v1/models               the served model's id
 
 Every request becomes `GenerationRequest`s (n of them, seeds seed..seed+n-1 as /generate_batch) run by the
@@ -18,7 +19,6 @@ the framework's included (a hook of the door middleware). With SPO_API_TOKEN set
 from __future__ import annotations
 
 import base64
-import json
 import re
 import secrets
 import time
@@ -178,16 +178,16 @@ def store(svc, data: bytes) -> str:
     return file_id
 
 
-def public_base(svc, request: Request) -> str:
-    if svc.settings.public_url:
-        return svc.settings.public_url.rstrip("/")
-    return str(request.base_url).rstrip("/")
+def public_base(svc) -> str:
+    """The base of `url` results: SPO_PUBLIC_URL, else "" (a relative URL, which the client resolves against
+    the address it called). Never the request's Host header: the caller chooses that one."""
+    return svc.settings.public_url.rstrip("/") if svc.settings.public_url else ""
 
 
 async def image_file(request: Request) -> Response:
     svc = context.bound()
     file_id = request.path_params["file_id"]
-    if svc is None or not FILE_ID.match(file_id):
+    if svc is None or not FILE_ID.fullmatch(file_id):
         return oa_error(404, "No such image (the id is unknown or expired)", "id")
     path = _files(svc) / file_id
 
@@ -219,7 +219,7 @@ async def _answer(svc, request: Request, opts: dict, fields: dict) -> Response:
     for r, blob in zip(results, encoded):
         if opts["response_format"] == "url":
             file_id = await anyio.to_thread.run_sync(store, svc, blob)
-            data.append({"url": f"{public_base(svc, request)}/v1/images/files/{file_id}", "revised_prompt": None})
+            data.append({"url": f"{public_base(svc)}/v1/images/files/{file_id}", "revised_prompt": None})
         else:
             data.append({"b64_json": base64.b64encode(blob).decode(), "revised_prompt": None})
     size = f"{results[0].image.width}x{results[0].image.height}"
@@ -230,11 +230,7 @@ async def _answer(svc, request: Request, opts: dict, fields: dict) -> Response:
 
 @guarded(GUARD)
 async def generations(svc, request: Request) -> Response:
-    raw = await request.body()
-    try:
-        body = json.loads(raw or b"null")
-    except ValueError as e:
-        raise InvalidRequestError("body", f"must be JSON ({e})") from None
+    body = context.json_body(await request.body() or b"null")
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
     opts = parse(body, svc)

@@ -3,9 +3,9 @@ bodies, the batch response and the error body, and what /docs.json declares for 
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
 
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.imaging import FORMATS
@@ -120,7 +120,7 @@ def core_request(body: BaseModel) -> GenerationRequest:
 
 def check_adapter_name(field: str, name: str) -> str:
     """An adapter name a route will write under SPO_ADAPTER_DIR or the admin state: InvalidRequestError otherwise."""
-    if not ADAPTER_NAME.match(name):
+    if not ADAPTER_NAME.fullmatch(name):  # fullmatch: `$` alone would let "name\n" through
         raise InvalidRequestError(field, f"must be {ADAPTER_NAME_RULE}")
     return name
 
@@ -159,6 +159,105 @@ class LoadBody(_Strict):
     name: str = Field(max_length=64)
     file: str = Field(max_length=MAX_PATH)
     replace: bool = False
+
+
+# -- the AUTOMATIC1111 body (service/a1111.py) -------------------------------------------------
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v  # 20.0 is 20; 1.5, "20" and true are not
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+Number = Annotated[float, Field(allow_inf_nan=False)]  # an int or a float, finite; not "0.5" nor true
+Text = str | None
+Flag = bool | None
+
+
+class A1111Body(BaseModel):
+    """The JSON types of A1111's txt2img/img2img fields (its StableDiffusionProcessing API models), strict:
+    a field of another type is a 400 naming it before any value is read. Only types here: which values are
+    accepted (ranges, the fields accepted only at values that leave the image alone) is service/a1111.py's.
+    Fields A1111 does not have are allowed through (a1111.py refuses those set to a value that matters)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    prompt: str = ""
+    negative_prompt: Text = None
+    styles: list[str] | None = None
+    seed: Integer | None = None
+    subseed: Integer | None = None
+    subseed_strength: Number | None = None
+    seed_resize_from_h: Integer | None = None
+    seed_resize_from_w: Integer | None = None
+    seed_enable_extras: Flag = None
+    sampler_name: Text = None
+    sampler_index: Text = None
+    scheduler: Text = None
+    batch_size: Integer | None = None
+    n_iter: Integer | None = None
+    steps: Integer | None = None
+    cfg_scale: Number | None = None
+    image_cfg_scale: Number | None = None
+    width: Integer | None = None
+    height: Integer | None = None
+    restore_faces: Flag = None
+    tiling: Flag = None
+    do_not_save_samples: Flag = None
+    do_not_save_grid: Flag = None
+    eta: Number | None = None
+    denoising_strength: Number | None = None
+    s_min_uncond: Number | None = None
+    s_churn: Number | None = None
+    s_tmax: Number | None = None
+    s_tmin: Number | None = None
+    s_noise: Number | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: Flag = None
+    refiner_checkpoint: Text = None
+    refiner_switch_at: Number | None = None
+    disable_extra_networks: Flag = None
+    firstpass_image: Text = None
+    comments: dict[str, Any] | None = None
+    enable_hr: Flag = None
+    firstphase_width: Integer | None = None
+    firstphase_height: Integer | None = None
+    hr_scale: Number | None = None
+    hr_upscaler: Text = None
+    hr_second_pass_steps: Integer | None = None
+    hr_resize_x: Integer | None = None
+    hr_resize_y: Integer | None = None
+    hr_checkpoint_name: Text = None
+    hr_sampler_name: Text = None
+    hr_scheduler: Text = None
+    hr_prompt: Text = None
+    hr_negative_prompt: Text = None
+    force_task_id: Text = None
+    script_name: Text = None
+    script_args: list[Any] | None = None
+    send_images: Flag = None
+    save_images: Flag = None
+    alwayson_scripts: dict[str, Any] | None = None
+    infotext: Text = None
+    extra_generation_params: dict[str, Any] | None = None
+    ddim_discretize: Text = None
+    do_not_reload_embeddings: Flag = None
+    user: Text = None
+    # img2img
+    init_images: list[str] | None = None
+    resize_mode: Integer | None = None
+    initial_noise_multiplier: Number | None = None
+    mask: Text = None
+    latent_mask: Text = None
+    mask_blur: Integer | None = None
+    mask_blur_x: Integer | None = None
+    mask_blur_y: Integer | None = None
+    mask_round: Flag = None
+    inpainting_fill: Integer | None = None
+    inpaint_full_res: Flag = None
+    inpaint_full_res_padding: Integer | None = None
+    inpainting_mask_invert: Integer | None = None
+    include_init_images: Flag = None
 
 
 # -- responses -------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ class SPOService:
                                                      is_disconnected=ctx.request.is_disconnected)
                 resp = await respond(rid, parsed, results)
         except Exception as e:
-            resp = map_error(e)
+            resp = map_error(e, admin=context.credentials_ok(self, ctx.request.headers, admin=True))
         finally:
             self.inflight -= 1
         resp.headers["X-Request-Id"] = rid

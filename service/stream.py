@@ -40,6 +40,7 @@ async def generate_stream(request: Request) -> Response:
         resp = map_error(reason)
         resp.headers["X-Request-Id"] = rid
         return resp
+    admin = context.credentials_ok(svc, request.headers, admin=True)  # only then an unknown adapter names the others
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     try:
@@ -50,7 +51,7 @@ async def generate_stream(request: Request) -> Response:
         sub = svc.engine.submit([core_request(body)], timeout_s=body.timeout_s, preview=body.preview,
                                 progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, ("step", p)))
     except Exception as e:
-        resp = map_error(e)
+        resp = map_error(e, admin)
         resp.headers["X-Request-Id"] = rid
         return resp
     answer = asyncio.wrap_future(sub.future)
@@ -75,7 +76,7 @@ async def generate_stream(request: Request) -> Response:
                 try:
                     [r] = item.result()
                 except Exception as e:
-                    yield _sse("error", json.loads(map_error(e).body))
+                    yield _sse("error", json.loads(map_error(e, admin).body))
                     return
                 data = await anyio.to_thread.run_sync(encode_image, r, body.format, body.quality)
                 yield _sse("done", {"image": base64.b64encode(data).decode(), "format": body.format,

@@ -15,5 +15,7 @@ MAX_IMAGES = 8  # images of one request: /generate_batch's n, OpenAI's n, A1111'
 SIZE_RANGE = (32, 2048)  # the widest any preset allows; `GenerationRequest.for_sizes` narrows it to a preset's
 MAX_IMAGE_PIXELS = 4096 * 4096  # an init_image larger than this is refused before it is decoded
 DEFAULT_STRENGTH = 0.75  # img2img, as A1111's default denoising strength
+# `^...$` for JSON Schema and pydantic (whose `$` is the end of the text); in Python use ADAPTER_NAME.fullmatch,
+# as re's `$` also matches before a trailing newline ("x\n" would pass `.match`)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_NAME_RULE = "1..64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"

@@ -175,7 +175,9 @@ class Settings(BaseModel):
                                              "(others: 64 KiB)")
     log_prompts: bool = Field(False, description="true: access log lines include the prompt text")
     public_url: str | None = Field(None, pattern=r"^https?://[^\s?#]+$",
-                                   description="absolute base URL of OpenAI `url` image results; unset: the request's own")
+                                   description="absolute base URL of OpenAI `url` image results (the URL clients "
+                                               "reach this server at); unset: relative URLs (/v1/images/files/{id}), "
+                                               "never built from the request's Host header")
     image_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False,
                                description="how long an OpenAI `url` image result can be downloaded")
     image_cache_mb: float = Field(512.0, gt=0, allow_inf_nan=False,

@@ -54,18 +54,40 @@ def _invalid(state: Any) -> str | None:
     return None
 
 
+NAME_MAX = 255  # bytes of one path component: the limit of Linux file systems (ext4, xfs, overlayfs, tmpfs)
+
+
 def resolve_under(root: Path, relative: str, field: str, suffixes: tuple[str, ...] = (".safetensors",)) -> Path:
-    """`root / relative`, refusing absolute paths, escapes (.., symlinks out) and other suffixes."""
+    """`root / relative`, refusing absolute paths, escapes (.., symlinks out), other suffixes and names the
+    file system refuses (a component over NAME_MAX bytes, a name it cannot encode): InvalidRequestError
+    naming `field`, never an OSError."""
     if not relative or Path(relative).is_absolute() or "\x00" in relative:
         raise InvalidRequestError(field, f"must be a relative path under the configured directory, got {relative!r}")
-    root = root.resolve()
-    path = (root / relative).resolve()
+    shown = repr(relative) if len(relative) <= 80 else f"{relative[:60]!r}... ({len(relative)} characters)"
+    longest = max((len(part.encode("utf-8", "surrogatepass")) for part in Path(relative).parts), default=0)
+    if longest > NAME_MAX:
+        raise InvalidRequestError(field, f"each part of the path must be at most {NAME_MAX} bytes (the file system's "
+                                         f"limit), got one of {longest} bytes: {shown}")
+
+    def refused(e: Exception) -> InvalidRequestError:  # ENAMETOOLONG, EACCES, a symlink loop, an unencodable name
+        return InvalidRequestError(field, f"the file system refuses this name ({getattr(e, 'strerror', None) or e}): "
+                                          f"{shown}")
+
+    try:
+        root = root.resolve()
+        path = (root / relative).resolve()
+    except (OSError, RuntimeError, UnicodeError) as e:
+        raise refused(e) from None
     if not path.is_relative_to(root):
-        raise InvalidRequestError(field, f"must stay under the configured directory, got {relative!r}")
+        raise InvalidRequestError(field, f"must stay under the configured directory, got {shown}")
     if suffixes and path.suffix.lower() not in suffixes:
-        raise InvalidRequestError(field, f"must end with {' or '.join(suffixes)} (pickle files are refused), got {relative!r}")
-    if not path.is_file():
-        raise InvalidRequestError(field, f"no such file under the adapter directory: {relative!r}")
+        raise InvalidRequestError(field, f"must end with {' or '.join(suffixes)} (pickle files are refused), got {shown}")
+    try:
+        found = path.is_file()
+    except (OSError, UnicodeError) as e:
+        raise refused(e) from None
+    if not found:
+        raise InvalidRequestError(field, f"no such file under the adapter directory: {shown}")
     return path
 
 

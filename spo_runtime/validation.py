@@ -13,8 +13,8 @@ from spo_runtime.errors import InvalidRequestError
 from spo_runtime.limits import ADAPTER_NAME_RULE
 
 
-_TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a JSON object",
-          "list": "a list", "literal": "one of the listed values"}
+_TYPES = {"int": "an integer", "float": "a number", "str": "a string", "string": "a string", "bool": "true or false",
+          "dict": "a JSON object", "list": "a list", "literal": "one of the listed values"}
 _PATTERN_RULES = {"prompt": "must be a non-empty string (not only whitespace) without control characters (tab and "
                             "newline are allowed)",
                   "negative_prompt": "must not hold control characters (tab and newline are allowed)", "adapter": f"must be {ADAPTER_NAME_RULE}",

@@ -51,7 +51,7 @@ UNSUPPORTED = (
     ("lora_mid", "LoCon with a Tucker core (lora_mid)"),
     ("oft_blocks", "OFT (orthogonal fine-tuning)"), ("oft_diag", "OFT (orthogonal fine-tuning)"),
 )
-_FULL_DIFF = re.compile(r"\.(diff|diff_b|weight_diff|bias_diff)$")
+_FULL_DIFF = re.compile(r"\.(diff|diff_b|weight_diff|bias_diff)\Z")  # \Z: not before a trailing newline
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
 TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_", "text_encoder.", "text_encoder_2.")
@@ -259,7 +259,7 @@ def parse_lora_state_dict(
     module_of: dict[str, str] = {}
     problems: list[tuple[str, str]] = []
     for name, (key, tensor) in named.items():
-        match = _PEFT_KEY.match(name)
+        match = _PEFT_KEY.fullmatch(name)
         if match is None:
             renamed = "" if name == key else f" (diffusers renames it {name!r})"
             problems.append((key, f"does not fit the {layout} layout{renamed}: after diffusers' renaming every key must "

@@ -127,9 +127,10 @@ class SpeedPaths:
     def info(self, show_paths: bool = False) -> dict:
         """The `speed` section of /info."""
         s, den, codec = self.settings, self.denoiser, self.codec
+        why = self.why if show_paths else self.why.replace(str(s.data_dir), "$SPO_DATA_DIR")  # "<cache> is not writable"
         return {
             "sdpa": den.sdpa,
-            "compile": {"on": self.compiled, "why": self.why, "mode": s.compile_mode, "backend": s.compile_backend,
+            "compile": {"on": self.compiled, "why": why, "mode": s.compile_mode, "backend": s.compile_backend,
                         "vae": codec.compiled, "warm_up_s": self.warm_up_s,
                         "cache": self.cache.info(show_paths) if self.cache else None},
             "batch_buckets": {"unet": list(den.buckets) if den.buckets else None,

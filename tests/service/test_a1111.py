@@ -143,3 +143,31 @@ def test_lora_tags_and_samplers_without_a_server():
     assert sampler({"sampler_name": "DDIM", "sampler_index": "Euler a"}) == "ddim"  # sampler_index: ignored
     with pytest.raises(InvalidRequestError):
         sampler({"sampler_name": "DDIM", "scheduler": "Karras"})
+
+
+def test_every_field_of_the_wrong_type_is_a_400_naming_it_without_a_server():
+    """Each A1111 field with values of every JSON type (and NaN, Infinity, huge numbers): parse accepts the
+    value or raises InvalidRequestError naming that field (or its item), never another exception."""
+    import itertools
+    from types import SimpleNamespace
+
+    from service.a1111 import parse
+    from service.schemas import A1111Body
+    from spo_runtime.errors import InvalidRequestError
+
+    pipe = SimpleNamespace(preset=SimpleNamespace(default_size=64, name="tiny"), default_adapter="spo",
+                           registry=SimpleNamespace(adapters={}), info=lambda: {"sources": {}})
+    svc = SimpleNamespace(pipe=pipe)
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()  # a type-correct string; its bytes are checked later
+    values = [None, [], {}, "", "x", "20", 0, 1, -1, 1.5, 2.0, float("nan"), float("inf"), True, False, 10**30, 1e308,
+              ["DDIM"], {"x": 1}, [None]]
+    typed_refusals = 0
+    for field, value in itertools.product([*A1111Body.model_fields, "not_a1111", "hr_foo"], values):
+        body = {"prompt": "a fox", "steps": 2, "init_images": [png], field: value}
+        try:
+            parse(body, svc, img2img=False)
+        except InvalidRequestError as e:
+            renamed = {"n_iter": "batch_size"}.get(field)  # batch_size x n_iter over 8 names batch_size
+            assert e.field == field or e.field.startswith(f"{field}.") or e.field == renamed, (field, value, e.field)
+            typed_refusals += e.message.startswith("must be")
+    assert typed_refusals > 500

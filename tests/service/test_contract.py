@@ -111,7 +111,10 @@ def test_cross_field_rules_are_400s_naming_the_field(server):
     body = assert_error(post(server, "/generate_batch", json={"prompt": "a", "n": 4, "seed": 2**32 - 2}), 400, "seed")
     assert "0..4294967292" in body["error"]
     body = assert_error(post(server, "/generate", json={"prompt": "a", "adapter": "nope", "num_inference_steps": 1}), 400, "adapter")
-    assert "not loaded" in body["error"]
+    assert "'nope' is not loaded" in body["error"] and "loaded:" not in body["error"]  # the others: the admin's only
+    body = assert_error(post(server, "/generate", json={"prompt": "a", "adapter": "nope", "num_inference_steps": 1},
+                             headers=ADMIN_AUTH), 400, "adapter")
+    assert "'nope' is not loaded (loaded: spo" in body["error"], body
     assert_error(post(server, "/generate_batch", json={"prompt": "a", "n": 9}), 400, "n")
     assert_error(post(server, "/generate", json={"num_inference_steps": 2}), 400, "prompt")
 

@@ -73,8 +73,9 @@ def test_bad_size_and_other_errors_in_openais_shape(server, client):
 @pytest.mark.server
 def test_url_results_download_then_expire(server, client):
     resp = client.images.generate(prompt="a blue bird", response_format="url", extra_body={"seed": 5, **FAST})
-    url = resp.data[0].url
-    assert url.startswith(server.url + "/v1/images/files/") and len(url.rsplit("/", 1)[1]) == 32
+    url = resp.data[0].url  # relative without SPO_PUBLIC_URL: never the request's Host header
+    assert url.startswith("/v1/images/files/") and len(url.rsplit("/", 1)[1]) == 32, url
+    url = server.url + url
     r = httpx.get(url, timeout=30)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert np.abs(pixels(r.content) - pixels(generate(server, prompt="a blue bird", seed=5, **FAST))).max() <= 1
@@ -113,7 +114,8 @@ def test_public_url_and_the_disk_cap(tmp_path):
     from spo_runtime.settings import Settings
 
     svc = SimpleNamespace(settings=Settings.from_env({"SPO_PUBLIC_URL": "https://images.example.com/spo/"}))
-    assert public_base(svc, None) == "https://images.example.com/spo"
+    assert public_base(svc) == "https://images.example.com/spo"
+    assert public_base(SimpleNamespace(settings=Settings.from_env({}))) == ""  # unset: relative urls
     now = time.time()
     for i, age in enumerate([10, 20, 30, 4000]):  # the last one is past the TTL
         p = tmp_path / f"{i:032x}"

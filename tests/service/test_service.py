@@ -309,8 +309,10 @@ def test_admin_needs_the_token_and_paths_stay_inside(server):
     adapter_dir = server.env["SPO_ADAPTER_DIR"]
     load_conv(server)  # an adapter loaded from a file under it: /info has a host path to show or hide
     try:
-        assert adapter_dir not in httpx.get(server.url + "/info").text  # no host paths without the token
-        assert adapter_dir in httpx.get(server.url + "/info", headers=AUTH).text
+        public = httpx.get(server.url + "/info").text  # no host paths, host names or pids without the token
+        assert adapter_dir not in public and '"pid"' not in public and '"host"' not in public, public
+        full = httpx.get(server.url + "/info", headers=AUTH).text
+        assert adapter_dir in full and '"pid"' in full and '"host"' in full, full
     finally:
         unload_conv(server)
 

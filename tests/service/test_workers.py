@@ -125,9 +125,10 @@ def test_bind_records_each_worker_and_info_lists_them(monkeypatch, tmp_path):
 # -- two real workers on CPU ----------------------------------------------------------------------
 
 
-def _info(url: str) -> dict:
-    # a fresh connection each time, so the kernel may hand it to either worker
-    return httpx.get(url + "/info", timeout=10, headers={"connection": "close"}).json()
+def _info(url: str, token: str | None = None) -> dict:
+    # a fresh connection each time, so the kernel may hand it to either worker; pids only to the admin token
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(url + "/info", timeout=10, headers={"connection": "close", **auth}).json()
 
 
 @pytest.mark.server
@@ -138,10 +139,11 @@ def test_two_workers_serve_on_cpu_with_distinct_indices(tmp_path):
            "BENTOML_HOME": str(tmp_path / "bentoml")}
     with Server(env, tmp_path / "server.log") as s:
         seen: dict[int, dict] = {}  # worker index -> its latest /info
+        admin = (tmp_path / "data" / "admin_token").read_text().strip()  # no SPO_ADMIN_TOKEN: the one both read
 
         def poll(times: int) -> None:
             for _ in range(times):
-                body = _info(s.url)
+                body = _info(s.url, admin)
                 if body.get("ready"):
                     seen[body["worker_index"]] = body
 
@@ -168,5 +170,8 @@ def test_two_workers_serve_on_cpu_with_distinct_indices(tmp_path):
         listed = seen[1]["workers"]  # whichever worker answers lists both, each with its index and device
         assert [(w["worker_index"], w["device"], w["pid"]) for w in listed] == [
             (1, "cpu", seen[1]["pid"]), (2, "cpu", seen[2]["pid"])]
+        public = _info(s.url)  # without the admin token: indices and devices, no pids or host names
+        assert "pid" not in public and [(w["worker_index"], w["device"]) for w in public["workers"]] == [(1, "cpu"), (2, "cpu")]
+        assert not any({"pid", "host"} & set(w) for w in public["workers"]), public["workers"]
         m = s.metrics()
         assert sum(v for k, v in m.items() if k.startswith("spo_images_total")) >= 6  # 2 warm-ups + 4 requests, summed
