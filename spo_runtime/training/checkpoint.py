@@ -88,6 +88,7 @@ def write_checkpoint(out_dir: Path, config: TrainConfig, modules: dict[str, Lora
             + (f"the previous checkpoint ({previous}) is intact" if previous else "there is no earlier checkpoint")
         ) from e
     shutil.rmtree(final, ignore_errors=True)
+    faults.checkpoint_in_place(round_index)
     os.replace(tmp, final)
     fsync_dir(root)
     write_json_atomic(root / "latest.json", {"round": round_index, "dir": final.name, "hashes": hashes})
