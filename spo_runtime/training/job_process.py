@@ -135,11 +135,12 @@ def _train_job(d: Path, adapter_dir: Path, group, stop_requested) -> int:
     cfg = TrainConfig.parse(rec["config"])
     start = adapter_dir / rec["start_adapter"] if rec.get("start_adapter") else None
     trainer = build_trainer(cfg, read_prompts(d / "prompts.txt"), d / "run", start_adapter=start, group=group)
-    resumed = trainer.resumed_from is not None
-    if main:
-        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.resumed_from)
     t_start, r_start = time.time(), trainer.round
-    pairs = {"kept": rec.get("pairs_kept", 0) if resumed else 0}
+    # the rounds up to the checkpoint (metrics.jsonl holds only those now): the ones after it run again
+    pairs = {"kept": _summary(d / "run" / "metrics.jsonl")["pairs_kept"]}
+    if main:
+        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.resumed_from,
+                     round=trainer.round, pairs_kept=pairs["kept"])
 
     def on_round(stats: dict) -> None:
         if not main:
