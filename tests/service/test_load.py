@@ -15,7 +15,7 @@ import pytest
 from server import ROOT, Server
 
 pytestmark = pytest.mark.server
-TOKEN = "load-token-456"
+TOKEN = "load-token-4567890"
 USERS = 6
 RUN_S = 20
 
