@@ -182,6 +182,8 @@ class Settings(BaseModel):
     train_device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$",
                                      description="device of training jobs; unset: SPO_DEVICE")
     max_train_jobs: int = Field(1, ge=1, le=64, description="training jobs run at once; the rest wait queued")
+    max_queued_jobs: int = Field(16, ge=1, le=10000, description="training jobs that may wait (queued, or interrupted "
+                                 "by a restart); one more submission or resume gets 429 with Retry-After")
     train_nproc: int | None = Field(None, ge=1, le=64, description="data-parallel ranks of a training job (its "
                                     "config's nproc wins); unset: the training GPUs' count on CUDA, 1 on CPU")
     train_devices: str | None = Field(None, pattern=r"^\s*(cpu|(cuda:)?\d+)(\s*,\s*(cuda:)?\d+)*\s*$",

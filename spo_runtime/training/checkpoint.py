@@ -15,30 +15,34 @@ checkpoint, and a resume takes the newest complete one (a crash may leave `lates
 directory that is gone, or a newer one it does not name yet). A failed write leaves the previous
 checkpoint as it was (`CheckpointWriteError`); a damaged one is refused on resume, naming the file
 (`CheckpointCorruptError`). On resume `metrics.jsonl` keeps only the rounds up to the checkpoint's (and no
-line a kill tore), so rounds that run again are logged once.
+line a kill tore), so rounds that run again are logged once. A job's exported adapter never replaces a
+file (`AdapterExistsError`): each layout is linked into place, which fails if anything is there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from spo_runtime.errors import SpoError
+from spo_runtime.errors import LoraFormatError, SpoError
 from spo_runtime.faults import Faults
-from spo_runtime.fsutil import atomic_write, file_sha256, fsync_dir, write_json_atomic
-from spo_runtime.lora.format import LoraModuleWeights, save_lora_file
+from spo_runtime.fsutil import atomic_write, file_sha256, fsync_dir, write_json_atomic, write_new
+from spo_runtime.lora.format import LoraModuleWeights, lora_state_dict, save_lora_file
 from spo_runtime.lora.runtime import LoraRegistry
 from spo_runtime.training.adapter import TRAIN
 from spo_runtime.training.config import TrainConfig
 
-__all__ = ["CHECKPOINT", "OLD_CHECKPOINT", "CheckpointCorruptError", "CheckpointWriteError", "export_adapter",
-           "restore_checkpoint", "trim_metrics", "write_checkpoint"]
+__all__ = ["CHECKPOINT", "OLD_CHECKPOINT", "AdapterExistsError", "CheckpointCorruptError", "CheckpointWriteError",
+           "check_adapter_free", "export_adapter", "exported_files", "restore_checkpoint", "trim_metrics",
+           "write_checkpoint"]
 
 log = logging.getLogger("spo_runtime.train")
 
@@ -48,6 +52,10 @@ OLD_CHECKPOINT = "train_state.pt"  # its name before; still resumed from
 
 class CheckpointWriteError(SpoError, OSError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one is left intact."""
+
+
+class AdapterExistsError(SpoError, FileExistsError):
+    """An exported adapter would replace a file of the adapter directory (HTTP 409 naming output_adapter)."""
 
 
 class CheckpointCorruptError(SpoError):
@@ -224,14 +232,79 @@ def _corrupt(out_dir: Path, path: Path, problem: str) -> CheckpointCorruptError:
         f"Delete {out_dir / 'checkpoints'} to train again from round 0")
 
 
+def exported_files(name: str) -> dict[str, str]:
+    """The files an adapter named `name` is exported as, per layout (relative to the adapter directory)."""
+    return {layout: f"{name}_{layout}.safetensors" for layout in ("diffusers", "webui")}
+
+
+def check_adapter_free(adapter_dir: Path, name: str, same: Callable[[str, Path], bool] | None = None) -> None:
+    """AdapterExistsError unless `name` is free in `adapter_dir`: no `name`.safetensors and no exported
+    file of that name (`same(layout, path)`: whether an exported file already holds exactly the adapter
+    about to be written, from an export a kill interrupted before the job recorded it; it does not count)."""
+    taken = []
+    for layout, rel in {"adapter": f"{name}.safetensors", **exported_files(name)}.items():
+        path = Path(adapter_dir) / rel
+        if path.is_symlink() or path.exists():
+            if same is not None and layout != "adapter" and path.is_file() and not path.is_symlink() and same(layout, path):
+                continue
+            taken.append(rel)
+    if taken:
+        raise AdapterExistsError(f"{name!r} is taken: {', '.join(taken)} exists in the adapter directory; "
+                                 "exports never replace a file, pick another name")
+
+
+def _holds(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether the safetensors file at `path` holds exactly `tensors` and `metadata` (its bytes may differ:
+    safetensors does not fix the order of the metadata)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}) == metadata and set(f.keys()) == set(tensors) and \
+                all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    except Exception:
+        return False
+
+
 def export_adapter(adapter_dir: Path, name: str, modules: dict[str, LoraModuleWeights], config: TrainConfig,
-                   round_index: int) -> dict:
-    """Write the trained adapter to `adapter_dir` in both layouts; returns relative paths and hashes."""
+                   round_index: int, replace: bool = False) -> dict:
+    """Write the trained adapter to `adapter_dir` in both layouts; returns relative paths and hashes.
+
+    Without `replace` (training jobs) no file is ever replaced: each layout is written to a temp file and
+    hard-linked to its name, which fails when anything is there, so of two jobs racing for one name one
+    exports and the other raises AdapterExistsError (and removes what it linked). `replace` (the CLI's own
+    output directory): each file is replaced atomically."""
+    if not modules:
+        raise LoraFormatError(f"{name}: refusing to export a LoRA without modules")
     meta = _metadata(config, round_index)
+    adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    files, hashes = {}, {}
-    for layout in ("diffusers", "webui"):
-        rel = f"{name}_{layout}.safetensors"
-        hashes[layout] = save_lora_file(adapter_dir / rel, modules, layout, metadata=meta)
-        files[layout] = rel
+    files = exported_files(name)
+    tensors = {layout: lora_state_dict(modules, layout) for layout in files}
+    import safetensors.torch
+
+    data = {layout: safetensors.torch.save(sd, metadata=meta) for layout, sd in tensors.items()}
+    hashes = {layout: hashlib.sha256(b).hexdigest() for layout, b in data.items()}
+    if replace:
+        for layout, rel in files.items():
+            atomic_write(adapter_dir / rel, data[layout])
+        return {"files": files, "sha256": hashes}
+
+    def same(layout: str, path: Path) -> bool:
+        return _holds(path, tensors[layout], meta)
+
+    check_adapter_free(adapter_dir, name, same)
+    linked = []
+    try:
+        for layout, rel in files.items():
+            path = adapter_dir / rel
+            try:
+                linked.append(write_new(path, data[layout]))
+            except FileExistsError:  # there already: another export won the name since the check, or ours
+                check_adapter_free(adapter_dir, name, same)
+                hashes[layout] = file_sha256(path)
+    except BaseException:
+        for path in linked:
+            path.unlink(missing_ok=True)
+        raise
     return {"files": files, "sha256": hashes}

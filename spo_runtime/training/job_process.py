@@ -76,8 +76,10 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
         signal.signal(sig, lambda *_: stop.update(term=True))
     try:
         try:
+            settings = Settings.from_env()
             cfg = TrainConfig.parse(store.read(job_id)["config"])
-            world, devices = resolve_world(cfg.nproc, Settings.from_env())
+            cfg.with_spm_under(adapter_dir, settings.spm)  # as at submit: SPO_SPM or a file under the adapter dir
+            world, devices = resolve_world(cfg.nproc, settings)
             cfg.check_world(world)
         except Exception as e:
             return _failed(store, job_id, e)

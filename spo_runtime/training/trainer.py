@@ -287,9 +287,10 @@ class SPOTrainer:
         self.resumed_from = self.round
         return True
 
-    def export(self, adapter_dir: Path, name: str) -> dict:
-        """Write the trained adapter to `adapter_dir` in both layouts; returns relative paths and hashes."""
-        return export_adapter(adapter_dir, name, self.lora_modules(), self.cfg, self.round)
+    def export(self, adapter_dir: Path, name: str, replace: bool = False) -> dict:
+        """Write the trained adapter to `adapter_dir` in both layouts; returns relative paths and hashes.
+        An existing file is never replaced (AdapterExistsError) unless `replace` (the CLI's own directory)."""
+        return export_adapter(adapter_dir, name, self.lora_modules(), self.cfg, self.round, replace=replace)
 
     def train(self, should_stop: Callable[[], bool] = lambda: False, on_round: Callable[[dict], None] | None = None) -> dict:
         """Rounds until the schedule ends or `should_stop()` on any rank (checked at round boundaries;
