@@ -43,7 +43,6 @@ log = logging.getLogger("spo_runtime.jobs")
 STATES = ("queued", "running", "completed", "failed", "canceled", "interrupted")
 FINAL = ("completed", "failed", "canceled")
 WAITING = ("queued", "interrupted")  # what SPO_MAX_QUEUED_JOBS counts
-SECRETS = ("SPO_ADMIN_TOKEN", "SPO_API_TOKEN")  # never in a trainer's environment
 HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # only when the trainer may fetch from the hub
 TRAINER_COMMAND = (sys.executable, "-m", "spo_runtime", "train-job")  # + <dir> --adapter-dir <dir> --parent-pid <pid>
 
@@ -184,7 +183,7 @@ def trainer_env(env: Mapping[str, str], config: Mapping) -> dict[str, str]:
     our routes (a trainer answers no request), without the hub's (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, and
     no implicit token from HF_HOME) unless it may fetch from the hub, and with the collectives of its
     ranks on loopback (`distributed.loopback_env`)."""
-    from spo_runtime.training.distributed import loopback_env
+    from spo_runtime.training.distributed import SECRETS, loopback_env
 
     out = {k: v for k, v in env.items() if k not in SECRETS}
     if not _may_fetch(out, config):
@@ -196,9 +195,9 @@ def trainer_env(env: Mapping[str, str], config: Mapping) -> dict[str, str]:
 
 
 def _may_fetch(env: Mapping[str, str], config: Mapping) -> bool:
-    """Whether a trainer may download from the Hugging Face hub: not offline (HF_HUB_OFFLINE), and the
-    preset is not tiny (its base, VAE and LoRA come from the hub or its cache) or the job scores with the
-    SPM without both local copies (SPO_SPM or config.spm_path, and SPO_SPM_TOKENIZER)."""
+    """Whether a trainer may download from the Hugging Face hub: unless offline (HF_HUB_OFFLINE), when the
+    preset is not tiny (its base, VAE and LoRA come from the hub or its cache) or when the job scores with
+    the SPM without both local copies (SPO_SPM or config.spm_path, and SPO_SPM_TOKENIZER)."""
     if env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     spm_local = bool((config.get("spm_path") or env.get("SPO_SPM")) and env.get("SPO_SPM_TOKENIZER"))
@@ -209,8 +208,8 @@ class Supervisor:
     """Starts queued jobs in their own processes, at most `max_jobs` at once. Only the lock holder supervises.
 
     `env` is the trainer process's whole environment (its SPO_* settings included) less what
-    `trainer_env` removes; `train_device`, when set, becomes the trainer's SPO_DEVICE. `command` starts a trainer; the job directory and
-    `--adapter-dir DIR` are appended. `max_jobs`: default SPO_MAX_TRAIN_JOBS as `env` gives it (1)."""
+    `trainer_env` removes; `train_device`, when set, becomes the trainer's SPO_DEVICE. `command` starts
+    a trainer; the job directory and `--adapter-dir DIR` are appended. `max_jobs`: default SPO_MAX_TRAIN_JOBS as `env` gives it (1)."""
 
     def __init__(self, store: JobStore, env: Mapping[str, str], train_device: str | None = None, poll_s: float = 0.5,
                  on_change=None, command: Sequence[str] = TRAINER_COMMAND, max_jobs: int | None = None):
