@@ -2,8 +2,11 @@
 
 - Admin and training routes (/admin/*, /train/*): `Authorization: Bearer <admin token>`. The token is
   SPO_ADMIN_TOKEN, or else the one in SPO_DATA_DIR/admin_token, which the first start creates (random,
-  mode 0600, the token alone on one line) and later starts reuse. No client is trusted for being on
+  mode 0600, the token alone on one line: written to a temp file opened O_CREAT|O_EXCL|O_NOFOLLOW, fsynced,
+  hard-linked to its name, which never replaces a file, then the directory fsynced) and later starts
+  reuse (opened O_NOFOLLOW: a symbolic link there is refused). No client is trusted for being on
   loopback: behind a proxy or a sidecar every client is.
+- A token shorter than 16 characters (SPO_ADMIN_TOKEN, SPO_API_TOKEN, the file's) is a ConfigError.
 - Generation routes: when SPO_API_TOKEN is set, `Authorization: Bearer <api token>` (the admin token is
   accepted too); the A1111 routes also take HTTP Basic with the token as the password. /livez, /readyz,
   /metrics, /docs.json and /info stay open. The rule itself is `service.context.credentials_ok`.
@@ -12,50 +15,82 @@ Tokens never appear in logs or responses: the log names the file, not its conten
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from starlette.responses import JSONResponse
 
 from service.errors import error_response
+from spo_runtime.errors import ConfigError
+from spo_runtime.fsutil import fsync_dir
 
 log = logging.getLogger("spo_serve")
 TOKEN_FILE = "admin_token"
+MIN_TOKEN_CHARS = 16  # Settings' admin_token and api_token declare the same bound
 
 
-def admin_token(token: str | None, data_dir: Path) -> str:
-    """SPO_ADMIN_TOKEN when set, else the token file's (created once, race-free across workers)."""
+def admin_token(token: str | None, data_dir: str | os.PathLike) -> str:
+    """SPO_ADMIN_TOKEN when set, else the token file's (created once, race-free across workers).
+    ConfigError (naming SPO_ADMIN_TOKEN, never the token) for a short token or a file that is a link."""
     if token:
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError("SPO_ADMIN_TOKEN", f"must be at least {MIN_TOKEN_CHARS} characters")
         return token
     path = Path(data_dir) / TOKEN_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(32) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)  # atomic and exclusive: of two workers starting together, one wins
-                log.warning("admin token: created %s (mode 0600); send it as 'Authorization: Bearer ...' "
-                            "to /admin/* and /train/*, or set SPO_ADMIN_TOKEN", path)
-            except FileExistsError:
-                pass
-        finally:
-            tmp.unlink(missing_ok=True)
+    try:
+        fd = _open_token(path)
+    except FileNotFoundError:
+        _create_token(path)
+        fd = _open_token(path)
     else:
         log.info("admin token: read from %s", path)
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o600)
-        log.warning("admin token: %s was readable by others; its mode is now 0600", path)
-    value = path.read_text().strip()
-    if len(value) < 8 or any(c.isspace() for c in value):
-        raise ValueError(f"{path}: must hold one token of at least 8 characters on one line")
+    with os.fdopen(fd) as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("SPO_ADMIN_TOKEN", f"{path} must be a regular file")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+            log.warning("admin token: %s was readable by others; its mode is now 0600", path)
+        value = fh.read().strip()
+    if len(value) < MIN_TOKEN_CHARS or any(c.isspace() for c in value):
+        raise ConfigError("SPO_ADMIN_TOKEN", f"{path} must hold one token of at least {MIN_TOKEN_CHARS} characters "
+                                             "on one line (delete it to have a new one made, or set SPO_ADMIN_TOKEN)")
     return value
+
+
+def _open_token(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError("SPO_ADMIN_TOKEN", f"{path} is a symbolic link; refused (the token file must be a "
+                                                 "regular file; or set SPO_ADMIN_TOKEN)") from None
+        raise
+
+
+def _create_token(path: Path) -> None:
+    """A new random token at `path`, unless another worker's appears there first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{TOKEN_FILE}.{secrets.token_hex(8)}.tmp")  # a name no one can plant in advance
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic and exclusive: of two workers starting together, one wins
+            log.warning("admin token: created %s (mode 0600); send it as 'Authorization: Bearer ...' "
+                        "to /admin/* and /train/*, or set SPO_ADMIN_TOKEN", path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def denied(field: str, what: str) -> JSONResponse:

@@ -1,5 +1,7 @@
 """The training routes (/train/*): submit an SPO training job, follow it, fetch its adapter, cancel or
-resume it. Admin token only. The jobs run in their own process (spo_runtime.training.jobs); every
+resume it. Admin token only. A job's input stays inside its directories and bounds (its config's ranges,
+its files under SPO_DATA_DIR and SPO_ADAPTER_DIR, an output adapter that replaces nothing, at most
+SPO_MAX_QUEUED_JOBS waiting). The jobs run in their own process (spo_runtime.training.jobs); every
 handler raises typed errors (mapped to HTTP in one place) and does its file work off the event loop."""
 
 from __future__ import annotations
@@ -58,19 +60,43 @@ def _start_adapter(svc: Service, name: str | None) -> str | None:
 
 @guarded(ADMIN)
 async def train_submit(svc: Service, request: Request) -> Response:
+    """A new job: 400 naming the field for bad input (config.<field> with its range, config.spm_path outside
+    SPO_ADAPTER_DIR and not SPO_SPM), 409 naming output_adapter when that name is taken, 429 with
+    Retry-After past SPO_MAX_QUEUED_JOBS waiting jobs."""
     from spo_runtime.training.config import TrainConfig
 
     body = await context.body(request, TrainSubmitBody)
     prompts = await anyio.to_thread.run_sync(_training_prompts, svc, body)
     cfg = TrainConfig.parse(body.config)  # 400 naming config.<field>
+    _check_sizes(svc, cfg)
+    cfg = await anyio.to_thread.run_sync(cfg.with_spm_under, svc.settings.adapters_path, svc.settings.spm)
     world = _world(svc, cfg)
     if body.output_adapter is not None:
         check_adapter_name("output_adapter", body.output_adapter)
     start = await anyio.to_thread.run_sync(_start_adapter, svc, body.start_adapter)
-    rec = await anyio.to_thread.run_sync(svc.jobs.create, prompts, cfg.model_dump(exclude_defaults=True), start,
+    rec = await anyio.to_thread.run_sync(_create, svc, prompts, cfg.model_dump(exclude_defaults=True), start,
                                          body.output_adapter)
     rec = await anyio.to_thread.run_sync(lambda: svc.jobs.update(rec["job_id"], **world))
     return JSONResponse({"job_id": rec["job_id"], "state": rec["state"], "output_adapter": rec["output_adapter"], **world})
+
+
+def _create(svc: Service, prompts: list[str], config: dict, start: str | None, output: str | None) -> dict:
+    from spo_runtime.training.checkpoint import AdapterExistsError
+
+    try:
+        return svc.jobs.create(prompts, config, start, output, max_queued=svc.settings.max_queued_jobs)
+    except AdapterExistsError as e:
+        raise Conflict("output_adapter", str(e)) from None
+
+
+def _check_sizes(svc: Service, cfg) -> None:
+    """A job's width and height within the served preset's sizes (its trainer loads the same preset)."""
+    lo, hi = svc.pipe.preset.size_range
+    for name in ("width", "height"):
+        value = getattr(cfg, name)
+        if value is not None and not lo <= value <= hi:
+            raise InvalidRequestError(f"config.{name}", f"must be a multiple of 8 in {lo}..{hi} (the preset's sizes), "
+                                                        f"got {value}")
 
 
 def _world(svc: Service, cfg) -> dict:
@@ -120,7 +146,8 @@ async def train_cancel(svc: Service, request: Request) -> Response:
 async def train_resume(svc: Service, request: Request) -> Response:
     """Queue a failed, canceled or interrupted job again: it resumes from its last checkpoint."""
     body = await context.body(request, JobBody)
-    return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.resume, body.job_id)))
+    rec = await anyio.to_thread.run_sync(lambda: svc.jobs.resume(body.job_id, max_queued=svc.settings.max_queued_jobs))
+    return JSONResponse(_public(rec))
 
 
 @guarded(ADMIN)

@@ -19,6 +19,11 @@ silently test nothing.
                                  (training jobs get it through their environment)
     kill_rank:rank=R:round=N     training rank R kills itself with SIGKILL as it starts round N (a rank lost
                                  mid-job, as a crashed GPU host loses it)
+    kill_checkpoint:round=R[:write=W]
+                                 the trainer kills itself with SIGKILL as the W-th (default 1) checkpoint of round R
+                                 it writes is about to be put in place: its files are written, the checkpoint
+                                 before it is all a resume has (W=2: a stop right after a periodic checkpoint
+                                 saves the same round again)
 
 `seed=S` selects by the request's seed (a request's seed is in its reply), so a test can aim a fault at
 one request whatever else shares its batch, and the server's warm-up image (seed 0) is never hit unless
@@ -45,6 +50,7 @@ KNOWN: dict[str, dict[str, tuple[type, bool]]] = {
     "slow_step": {"s": (float, True), "seed": (int, False)},
     "enospc_checkpoint": {"round": (int, True)},
     "kill_rank": {"rank": (int, True), "round": (int, True)},
+    "kill_checkpoint": {"round": (int, True), "write": (int, False)},
 }
 
 
@@ -70,6 +76,7 @@ def _oom(message: str) -> BaseException:
 @dataclass(frozen=True)
 class Faults:
     active: dict[str, dict] = field(default_factory=dict)
+    seen: dict = field(default_factory=dict, compare=False, repr=False)  # counters of the hooks that count
 
     @classmethod
     def parse(cls, text: str | None) -> Faults:
@@ -154,6 +161,16 @@ class Faults:
             fh.write(b"PK\x03\x04partial")  # a torn file, as a full disk leaves it
             fh.flush()
             raise OSError(errno.ENOSPC, f"No space left on device (injected by SPO_FAULTS enospc_checkpoint:round={round_})")
+
+    def checkpoint_in_place(self, round_: int) -> None:
+        """As the trainer is about to put a written checkpoint of round `round_` in place: kill_checkpoint."""
+        p = self.active.get("kill_checkpoint")
+        if p is None or p["round"] != round_:
+            return
+        key = ("kill_checkpoint", round_)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if self.seen[key] == p.get("write", 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def round_start(self, rank: int, round_: int) -> None:
         """As training rank `rank` starts round `round_` (1-based): kill_rank."""

@@ -1,4 +1,5 @@
-"""Durable file writes: a reader sees the old file or the new one, never a half-written one."""
+"""Durable file writes: a reader sees the old file or the new one, never a half-written one; `write_new`
+never replaces anything."""
 
 from __future__ import annotations
 
@@ -28,6 +29,25 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[IO[bytes]], An
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_new(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path`, which must not exist: a temp file beside it (O_EXCL), fsynced, hard-linked
+    to `path`, then the directory fsynced. The link fails with FileExistsError when anything is at `path`
+    (a file, a link, one written a moment ago by another process): a file is never replaced, and a
+    reader never sees a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
     return path
 

@@ -145,10 +145,11 @@ class Settings(BaseModel):
     adapter_dir: Path | None = Field(None, description="the only directory adapter files are loaded from and trained "
                                                        "adapters written to; unset: SPO_DATA_DIR/adapters")
     admin_token: SecretStr | None = Field(
-        None, min_length=8, description="bearer token of /admin/* and /train/* (8+ characters); unset: the one in "
-                                        "SPO_DATA_DIR/admin_token, created at first start")
-    api_token: SecretStr | None = Field(None, min_length=8, description="when set, the bearer token the generation "
-                                                                        "routes require (8+ characters)")
+        None, min_length=16, description="bearer token of /admin/* and /train/* (16+ characters); unset: the one in "
+                                         "SPO_DATA_DIR/admin_token, created at first start (mode 0600; a symbolic "
+                                         "link there is refused)")
+    api_token: SecretStr | None = Field(None, min_length=16, description="when set, the bearer token the generation "
+                                                                         "routes require (16+ characters)")
     drain_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False,
                            description="on SIGTERM, how long admitted and queued requests may take to finish (0..3600 s)")
     workers: int | str = Field(
@@ -189,6 +190,8 @@ class Settings(BaseModel):
     train_device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|mps)$",
                                      description="device of training jobs; unset: SPO_DEVICE")
     max_train_jobs: int = Field(1, ge=1, le=64, description="training jobs run at once; the rest wait queued")
+    max_queued_jobs: int = Field(16, ge=1, le=10000, description="training jobs that may wait (queued, or interrupted "
+                                 "by a restart); one more submission or resume gets 429 with Retry-After")
     train_nproc: int | None = Field(None, ge=1, le=64, description="data-parallel ranks of a training job (its "
                                     "config's nproc wins); unset: the training GPUs' count on CUDA, 1 on CPU")
     train_devices: str | None = Field(None, pattern=r"^\s*(cpu|(cuda:)?\d+)(\s*,\s*(cuda:)?\d+)*\s*$",

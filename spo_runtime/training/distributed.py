@@ -9,7 +9,9 @@ the launcher that starts the ranks and watches them.
   local no-op and torch.distributed is never initialised.
 - `launch(...)`: starts N rank processes (torch.multiprocessing, spawn) that meet at a file
   rendezvous, forwards a stop request (SIGTERM) to them, and when one rank dies (an exception, a
-  signal) stops the others and reports which rank failed and why: a job fails as a whole.
+  signal) stops the others and reports which rank failed and why: a job fails as a whole. The ranks'
+  environment has no SPO_ADMIN_TOKEN or SPO_API_TOKEN, and their collectives bind to loopback
+  (`loopback_env`): jobs are single-host.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime
 import multiprocessing.connection
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +152,22 @@ class Group:
 
 
 LOCAL = Group()
+SECRETS = ("SPO_ADMIN_TOKEN", "SPO_API_TOKEN")  # a rank answers no request: never in its environment
+
+
+def loopback_env() -> dict[str, str]:
+    """What keeps a single-host job's collectives on loopback: MASTER_ADDR=127.0.0.1, and the loopback
+    interface for the sockets of gloo (GLOO_SOCKET_IFNAME) and NCCL (NCCL_SOCKET_IFNAME), which otherwise
+    bind to the address the host name resolves to; no rank listens on a network interface."""
+    env = {"MASTER_ADDR": "127.0.0.1"}
+    try:
+        names = [n for _, n in socket.if_nameindex()]
+    except OSError:
+        names = []
+    lo = "lo" if "lo" in names else next((n for n in names if n.startswith("lo")), None)
+    if lo:
+        env.update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
+    return env
 
 
 def join_group(rank: int, world: int, rendezvous: str | Path | None, device: str | None, timeout_s: float = 600.0) -> Group:
@@ -160,6 +179,7 @@ def join_group(rank: int, world: int, rendezvous: str | Path | None, device: str
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    os.environ.update(loopback_env())  # read when the process group is made (launch set them already)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{Path(rendezvous).resolve()}",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     return Group(rank, world, dev)
@@ -223,7 +243,13 @@ def launch(nproc: int, target: Callable, args: tuple, rendezvous: str | Path, er
     if err is not None:
         for r in range(nproc):
             (err / ERROR_FILE.format(rank=r)).unlink(missing_ok=True)
-    ctx = mp.start_processes(target, args=(nproc, str(rendezvous), *args), nprocs=nproc, join=False, start_method="spawn")
+    changes = {**loopback_env(), **{k: None for k in SECRETS}}  # the ranks' environment: loopback, no tokens
+    saved = {k: os.environ.get(k) for k in changes}
+    try:
+        _set_env(changes)
+        ctx = mp.start_processes(target, args=(nproc, str(rendezvous), *args), nprocs=nproc, join=False, start_method="spawn")
+    finally:
+        _set_env(saved)
     procs = ctx.processes
     forwarded = False
     first_failed: list[int] = []
@@ -260,6 +286,14 @@ def launch(nproc: int, target: Callable, args: tuple, rendezvous: str | Path, er
     if others:
         reason += f" (then the other rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} stopped)"
     return LaunchResult(False, reason, codes)
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _signal(pid: int, sig: int) -> None:

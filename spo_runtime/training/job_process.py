@@ -76,8 +76,10 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
         signal.signal(sig, lambda *_: stop.update(term=True))
     try:
         try:
+            settings = Settings.from_env()
             cfg = TrainConfig.parse(store.read(job_id)["config"])
-            world, devices = resolve_world(cfg.nproc, Settings.from_env())
+            cfg.with_spm_under(adapter_dir, settings.spm)  # as at submit: SPO_SPM or a file under the adapter dir
+            world, devices = resolve_world(cfg.nproc, settings)
             cfg.check_world(world)
         except Exception as e:
             return _failed(store, job_id, e)
@@ -135,11 +137,12 @@ def _train_job(d: Path, adapter_dir: Path, group, stop_requested) -> int:
     cfg = TrainConfig.parse(rec["config"])
     start = adapter_dir / rec["start_adapter"] if rec.get("start_adapter") else None
     trainer = build_trainer(cfg, read_prompts(d / "prompts.txt"), d / "run", start_adapter=start, group=group)
-    resumed = trainer.resumed_from is not None
-    if main:
-        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.resumed_from)
     t_start, r_start = time.time(), trainer.round
-    pairs = {"kept": rec.get("pairs_kept", 0) if resumed else 0}
+    # the rounds up to the checkpoint (metrics.jsonl holds only those now): the ones after it run again
+    pairs = {"kept": _summary(d / "run" / "metrics.jsonl")["pairs_kept"]}
+    if main:
+        store.update(job_id, total_rounds=trainer.total_rounds, resumed_from_round=trainer.resumed_from,
+                     round=trainer.round, pairs_kept=pairs["kept"])
 
     def on_round(stats: dict) -> None:
         if not main:

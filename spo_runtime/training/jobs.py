@@ -12,6 +12,11 @@ supervisor that runs them (`Supervisor`); the trainer process itself is `job_pro
 - The trainer holds `<dir>/.lock` for its life (`JobStore.locked` tells whether a live one does) and
   checks for `<dir>/cancel` at round boundaries. `JobStore.resume` queues a failed, canceled or
   interrupted job again; it goes on from its last checkpoint.
+- At most SPO_MAX_QUEUED_JOBS jobs wait, queued or interrupted: one more is refused
+  (QueueFullError, HTTP 429 with Retry-After). A job's `output_adapter` must be free when it is created
+  (no such file in the adapter directory, no waiting or running job of that name: AdapterExistsError).
+- A trainer's environment (`trainer_env`) is the server's without SPO_ADMIN_TOKEN and SPO_API_TOKEN, and
+  without HF_TOKEN unless it may fetch from the hub; its ranks talk over loopback only.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from spo_runtime.errors import InvalidRequestError, JobNotFoundError, JobStateError
+from spo_runtime.errors import InvalidRequestError, JobNotFoundError, JobStateError, QueueFullError
 from spo_runtime.fsutil import atomic_write, write_json_atomic
 
 log = logging.getLogger("spo_runtime.jobs")
 
 STATES = ("queued", "running", "completed", "failed", "canceled", "interrupted")
 FINAL = ("completed", "failed", "canceled")
+WAITING = ("queued", "interrupted")  # what SPO_MAX_QUEUED_JOBS counts
+HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # only when the trainer may fetch from the hub
 TRAINER_COMMAND = (sys.executable, "-m", "spo_runtime", "train-job")  # + <dir> --adapter-dir <dir> --parent-pid <pid>
 
 
@@ -58,18 +65,33 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return d
 
-    def create(self, prompts: list[str], config: dict, start_adapter: str | None, output_adapter: str | None) -> dict:
+    def create(self, prompts: list[str], config: dict, start_adapter: str | None, output_adapter: str | None,
+               max_queued: int | None = None) -> dict:
+        """A new queued job. QueueFullError when `max_queued` jobs (SPO_MAX_QUEUED_JOBS; None: no cap) wait
+        already; AdapterExistsError when `output_adapter` names a file of the adapter directory or the
+        adapter of another waiting or running job. Both are checked under one lock, so two submissions
+        racing cannot both pass."""
+        from spo_runtime.training.checkpoint import AdapterExistsError, check_adapter_free
+
         job_id = uuid.uuid4().hex[:16]
-        d = self.root / job_id
-        d.mkdir(parents=True)
-        atomic_write(d / "prompts.txt", ("\n".join(prompts) + "\n").encode())
-        rec = {
-            "job_id": job_id, "state": "queued", "created_at": time.time(), "config": config,
-            "start_adapter": start_adapter, "output_adapter": output_adapter or f"spo-{job_id[:8]}",
-            "prompts": len(prompts), "round": 0, "total_rounds": None, "pairs_kept": 0, "loss": None,
-            "clamp_share": None, "eta_s": None, "error": None, "history": [{"state": "queued", "at": time.time()}],
-        }
-        write_json_atomic(d / "job.json", rec)
+        name = output_adapter or f"spo-{job_id[:8]}"
+        with _flock(self.root / ".create.lock"):
+            jobs = self.list()
+            _check_queue(jobs, max_queued)
+            check_adapter_free(self.adapter_dir, name)
+            if any(r["output_adapter"] == name and r["state"] not in FINAL for r in jobs):
+                raise AdapterExistsError(f"{name!r} is the output adapter of a job that is waiting or running; "
+                                         "pick another name")
+            d = self.root / job_id
+            d.mkdir(parents=True)
+            atomic_write(d / "prompts.txt", ("\n".join(prompts) + "\n").encode())
+            rec = {
+                "job_id": job_id, "state": "queued", "created_at": time.time(), "config": config,
+                "start_adapter": start_adapter, "output_adapter": name,
+                "prompts": len(prompts), "round": 0, "total_rounds": None, "pairs_kept": 0, "loss": None,
+                "clamp_share": None, "eta_s": None, "error": None, "history": [{"state": "queued", "at": time.time()}],
+            }
+            write_json_atomic(d / "job.json", rec)
         return rec
 
     def read(self, job_id: str) -> dict:
@@ -103,15 +125,17 @@ class JobStore:
             return self.update(job_id, state="canceled", finished_at=time.time())
         return rec
 
-    def resume(self, job_id: str) -> dict:
+    def resume(self, job_id: str, max_queued: int | None = None) -> dict:
         """Queue a failed, canceled or interrupted job again; its trainer resumes from the last checkpoint
         (a job that failed before its first checkpoint starts over). Refused for a queued, running or
         completed job."""
         d = self.dir(job_id)
-        with _flock(d / ".resume.lock"):
+        with _flock(self.root / ".create.lock"), _flock(d / ".resume.lock"):
             rec = self.read(job_id)
             if rec["state"] not in ("failed", "canceled", "interrupted"):
                 raise JobStateError(f"job_id: the job is {rec['state']}; only a failed, canceled or interrupted job resumes")
+            if rec["state"] != "interrupted":  # an interrupted job is counted already
+                _check_queue(self.list(), max_queued, but=job_id)
             (d / "cancel").unlink(missing_ok=True)
             return self.update(job_id, state="queued", error=None, finished_at=None, resumes=rec.get("resumes", 0) + 1)
 
@@ -130,6 +154,20 @@ class JobStore:
             return False
 
 
+def _check_queue(jobs: list[dict], max_queued: int | None, but: str | None = None) -> None:
+    """QueueFullError when `max_queued` of `jobs` (other than `but`) wait already. Retry-After: the soonest
+    a running job expects to finish (its ETA, 1 s..1 h), else 60 s."""
+    if max_queued is None:
+        return
+    waiting = [r for r in jobs if r["state"] in WAITING and r["job_id"] != but]
+    if len(waiting) < max_queued:
+        return
+    etas = [r["eta_s"] for r in jobs if r["state"] == "running" and isinstance(r.get("eta_s"), (int, float))]
+    retry = min(3600.0, max(1.0, min(etas))) if etas else 60.0
+    raise QueueFullError(f"SPO_MAX_QUEUED_JOBS: {len(waiting)} training jobs wait already (at most "
+                         f"{max_queued}); retry after {retry:.0f} s", retry_after=retry)
+
+
 @contextlib.contextmanager
 def _flock(path: Path):
     with open(path, "a") as fh:
@@ -140,12 +178,38 @@ def _flock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def trainer_env(env: Mapping[str, str], config: Mapping) -> dict[str, str]:
+    """The environment of a job's trainer (and so of its ranks): the server's `env` without the tokens of
+    our routes (a trainer answers no request), without the hub's (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, and
+    no implicit token from HF_HOME) unless it may fetch from the hub, and with the collectives of its
+    ranks on loopback (`distributed.loopback_env`)."""
+    from spo_runtime.training.distributed import SECRETS, loopback_env
+
+    out = {k: v for k, v in env.items() if k not in SECRETS}
+    if not _may_fetch(out, config):
+        for k in HUB_TOKENS:
+            out.pop(k, None)
+        out["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    out.update(loopback_env())
+    return out
+
+
+def _may_fetch(env: Mapping[str, str], config: Mapping) -> bool:
+    """Whether a trainer may download from the Hugging Face hub: unless offline (HF_HUB_OFFLINE), when the
+    preset is not tiny (its base, VAE and LoRA come from the hub or its cache) or when the job scores with
+    the SPM without both local copies (SPO_SPM or config.spm_path, and SPO_SPM_TOKENIZER)."""
+    if env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    spm_local = bool((config.get("spm_path") or env.get("SPO_SPM")) and env.get("SPO_SPM_TOKENIZER"))
+    return env.get("SPO_MODEL", "auto").strip().lower() != "tiny" or (config.get("scorer", "spm") == "spm" and not spm_local)
+
+
 class Supervisor:
     """Starts queued jobs in their own processes, at most `max_jobs` at once. Only the lock holder supervises.
 
-    `env` is the trainer process's whole environment (its SPO_* settings included); `train_device`,
-    when set, becomes the trainer's SPO_DEVICE. `command` starts a trainer; the job directory and
-    `--adapter-dir DIR` are appended. `max_jobs`: default SPO_MAX_TRAIN_JOBS as `env` gives it (1)."""
+    `env` is the trainer process's whole environment (its SPO_* settings included) less what
+    `trainer_env` removes; `train_device`, when set, becomes the trainer's SPO_DEVICE. `command` starts
+    a trainer; the job directory and `--adapter-dir DIR` are appended. `max_jobs`: default SPO_MAX_TRAIN_JOBS as `env` gives it (1)."""
 
     def __init__(self, store: JobStore, env: Mapping[str, str], train_device: str | None = None, poll_s: float = 0.5,
                  on_change=None, command: Sequence[str] = TRAINER_COMMAND, max_jobs: int | None = None):
@@ -232,7 +296,7 @@ class Supervisor:
 
     def _spawn(self, job_id: str) -> None:
         d = self.store.dir(job_id)
-        env = dict(self.env)
+        env = trainer_env(self.env, self.store.read(job_id).get("config") or {})
         if self.train_device:
             env["SPO_DEVICE"] = self.train_device
         self.store.update(job_id, state="running", started_at=time.time(), error=None)

@@ -55,7 +55,8 @@ def train_rank(rank: int, world: int, rendezvous: str | None, devices: list[str]
             print(f"resumed at round {trainer.round}", file=sys.stderr)
         trainer.train(on_round=lambda s: group.main and print(json.dumps(s), flush=True))
         if group.main:
-            print(json.dumps(trainer.export(Path(out_dir), name)), flush=True)
+            # the CLI's own output directory: a run trained further replaces its adapter
+            print(json.dumps(trainer.export(Path(out_dir), name, replace=True)), flush=True)
 
     # one process on CPU: the settings' device (SPO_DEVICE), as the CLI always trained
     device = devices[rank] if world > 1 or devices[0].startswith("cuda") else None

@@ -37,7 +37,7 @@ from spo_runtime.faults import NONE as NO_FAULTS, Faults
 from spo_runtime.lora.format import LoraModuleWeights
 from spo_runtime.model.pipeline import SpoPipeline
 from spo_runtime.training.adapter import REF, TRAIN, load_trainable, trained_modules
-from spo_runtime.training.checkpoint import export_adapter, restore_checkpoint, write_checkpoint
+from spo_runtime.training.checkpoint import export_adapter, restore_checkpoint, trim_metrics, write_checkpoint
 from spo_runtime.training.config import TrainConfig
 from spo_runtime.training.distributed import LOCAL, Group
 from spo_runtime.training.loss import spo_loss
@@ -275,18 +275,22 @@ class SPOTrainer:
         return write_checkpoint(self.out, self.cfg, self.lora_modules(), state, self.faults)
 
     def load_checkpoint(self) -> bool:
-        """Resume from checkpoints/latest.json if present; returns whether it resumed. A damaged or
-        incomplete checkpoint raises CheckpointCorruptError naming the file and the problem."""
+        """Resume from the newest complete checkpoint, if any; returns whether it resumed. A damaged one
+        raises CheckpointCorruptError naming the file and the problem. metrics.jsonl keeps the rounds up to
+        the checkpoint's only: the rounds after it run again and are logged again."""
         resumed = restore_checkpoint(self.out, self.pipe.registry, self.opt, self.scaler)
+        if self.group.main:
+            trim_metrics(self.out, resumed[0] if resumed else 0)
         if resumed is None:
             return False
         self.round, self.position = resumed
         self.resumed_from = self.round
         return True
 
-    def export(self, adapter_dir: Path, name: str) -> dict:
-        """Write the trained adapter to `adapter_dir` in both layouts; returns relative paths and hashes."""
-        return export_adapter(adapter_dir, name, self.lora_modules(), self.cfg, self.round)
+    def export(self, adapter_dir: Path, name: str, replace: bool = False) -> dict:
+        """Write the trained adapter to `adapter_dir` in both layouts; returns relative paths and hashes.
+        An existing file is never replaced (AdapterExistsError) unless `replace` (the CLI's own directory)."""
+        return export_adapter(adapter_dir, name, self.lora_modules(), self.cfg, self.round, replace=replace)
 
     def train(self, should_stop: Callable[[], bool] = lambda: False, on_round: Callable[[dict], None] | None = None) -> dict:
         """Rounds until the schedule ends or `should_stop()` on any rank (checked at round boundaries;

@@ -15,7 +15,7 @@ import pytest
 from server import ROOT, Server
 
 pytestmark = [pytest.mark.server, pytest.mark.serial]  # a timed load test: alone on the machine
-TOKEN = "load-token-456"
+TOKEN = "load-token-4567890"
 USERS = 6
 RUN_S = 20
 

@@ -22,7 +22,7 @@ from spo_runtime.fsutil import file_sha256
 from spo_runtime.state import EMPTY, AdminStore, AdminSync, file_state
 from spo_runtime.training.checkpoint import CheckpointCorruptError, CheckpointWriteError
 from spo_runtime.training.config import TrainConfig
-from spo_runtime.training.trainer import SPOTrainer
+from spo_runtime.training.trainer import JobCancelled, SPOTrainer
 
 # a tiny job: 32x32, 2 DDIM steps in one chunk, rank 2 on to_q: a round takes about 0.4 s on one core
 SMALL = dict(rank=2, alpha=2, num_inference_steps=2, chunk=2, train_t_max=999, threshold=0.0, targets=["to_q"],
@@ -153,6 +153,89 @@ def test_a_damaged_checkpoint_refuses_to_resume_with_a_clear_error(tpipe, one_ro
     with pytest.raises(CheckpointCorruptError, match="cannot resume from the checkpoint") as e:
         _trainer(tpipe, tmp_path / "run", max_rounds=2).load_checkpoint()
     assert where in str(e.value) and "to train again from round 0" in str(e.value)
+
+
+# a trainer in a process of its own, killed by SPO_FAULTS: argv = run dir, config JSON, tiny dir, faults
+KILLED_TRAINER = """
+import json, sys
+from spo_runtime import Settings, load_pipeline
+from spo_runtime.faults import Faults
+from spo_runtime.training.config import TrainConfig
+from spo_runtime.training.trainer import JobCancelled, SPOTrainer
+pipe = load_pipeline(Settings(model="tiny", base_model=sys.argv[3], lora_fuse=False, torch_threads=1))
+tr = SPOTrainer(pipe, TrainConfig(**json.loads(sys.argv[2])), ["a fox", "an owl"], sys.argv[1], faults=Faults.parse(sys.argv[4]))
+tr.load_checkpoint()
+tr.train(should_stop=lambda: tr.round == 2)  # a stop right after the periodic checkpoint of round 2
+"""
+
+
+def _rounds(run) -> list[int]:
+    return [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_kill_while_saving_a_round_again_keeps_its_previous_checkpoint(tpipe, tmp_path, tiny_dir):
+    """A stop right after a periodic checkpoint saves round 2 a second time; SIGKILL just before that second
+    checkpoint is put in place: round 2's first one must still be there for the resume."""
+    import subprocess
+
+    run = tmp_path / "run"
+    cfg = {**SMALL, "checkpoint_every": 2, "max_rounds": 4}
+    proc = subprocess.run([sys.executable, "-c", KILLED_TRAINER, str(run), json.dumps(cfg), str(tiny_dir),
+                           "kill_checkpoint:round=2:write=2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert _rounds(run) == [1, 2]
+    again = _trainer(tpipe, run, checkpoint_every=2, max_rounds=4)
+    assert again.load_checkpoint() and again.round == 2 and again.position == 2
+    # a stop right after the resume saves round 2 again; then only one copy of it is kept
+    with pytest.raises(JobCancelled):
+        again.train(should_stop=lambda: True)
+    ckpts = run / "checkpoints"
+    assert json.loads((ckpts / "latest.json").read_text())["round"] == 2
+    assert len([p for p in ckpts.iterdir() if p.name.startswith("round-")]) == 1
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # no temp left
+    final = _trainer(tpipe, run, checkpoint_every=2, max_rounds=4)
+    assert final.load_checkpoint() and final.round == 2
+    final.train()
+    assert final.round == 4 and _rounds(run) == [1, 2, 3, 4]
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(tpipe, one_round, tmp_path):
+    """latest.json naming a directory a crash took away: the newest whole checkpoint is resumed from."""
+    run = tmp_path / "run"
+    shutil.copytree(one_round, run)
+    tr = _trainer(tpipe, run, max_rounds=2)
+    assert tr.load_checkpoint() and tr.round == 1
+    tr.train()
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest.json", "round-000001", "round-000002"]
+    shutil.rmtree(ckpts / "round-000002")  # what a kill between removing and renaming left
+    again = _trainer(tpipe, run, max_rounds=2)
+    assert again.load_checkpoint() and again.round == 1 and again.position == 1
+    # and a directory whose latest.json was never written (a kill after its rename) is the newest one
+    again.train()
+    (ckpts / "latest.json").write_text(json.dumps({"round": 1, "dir": "round-000001", "hashes": {}}))
+    third = _trainer(tpipe, run, max_rounds=3)
+    assert third.load_checkpoint() and third.round == 2
+
+
+def test_metrics_rounds_re_run_after_a_resume_are_counted_once(tpipe, tmp_path):
+    run = tmp_path / "run"
+
+    def crash(stats):  # the trainer dies after round 3 was logged, before it was checkpointed
+        if stats["round"] == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        _trainer(tpipe, run, checkpoint_every=2, max_rounds=4).train(on_round=crash)
+    assert _rounds(run) == [1, 2, 3]
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 4, "pairs_ke')  # and a line torn by the kill
+    again = _trainer(tpipe, run, checkpoint_every=2, max_rounds=4)
+    assert again.load_checkpoint() and again.round == 2
+    again.train()
+    assert _rounds(run) == [1, 2, 3, 4]
 
 
 def _job(tmp_path, tiny_dir, monkeypatch, config, faults=None):

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import wait_until
 from spo_runtime.errors import InvalidRequestError
-from spo_runtime.training.jobs import FINAL, JobNotFoundError, JobStore, Supervisor
+from spo_runtime.training.jobs import FINAL, JobNotFoundError, JobStore, Supervisor, trainer_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,6 +84,82 @@ def test_cancel(store):
     assert "canceled" in FINAL
 
 
+def test_queued_jobs_are_capped_and_an_output_adapter_is_never_taken_twice(store):
+    from spo_runtime.errors import QueueFullError
+    from spo_runtime.training.checkpoint import AdapterExistsError
+
+    store.adapter_dir.mkdir(parents=True)
+    (store.adapter_dir / "taken.safetensors").write_bytes(b"x")
+    (store.adapter_dir / "old_webui.safetensors").write_bytes(b"x")
+    for name in ("taken", "old"):
+        with pytest.raises(AdapterExistsError, match=f"'{name}' is taken"):
+            store.create(["a"], {}, None, name)
+    first = store.create(["a"], {}, None, "mine", max_queued=2)
+    with pytest.raises(AdapterExistsError, match="a job that is waiting or running"):
+        store.create(["a"], {}, None, "mine", max_queued=2)
+    running = store.create(["b"], {}, None, None, max_queued=2)
+    store.update(running["job_id"], state="running", eta_s=42.4)
+    store.create(["c"], {}, None, None, max_queued=2)
+    with pytest.raises(QueueFullError, match="SPO_MAX_QUEUED_JOBS: 2 training jobs wait already") as e:
+        store.create(["d"], {}, None, None, max_queued=2)
+    assert e.value.retry_after == 42.4  # the running job's ETA
+    store.update(first["job_id"], state="interrupted")  # waiting too: it resumes at the next start
+    with pytest.raises(QueueFullError):
+        store.create(["d"], {}, None, None, max_queued=2)
+    store.update(first["job_id"], state="canceled")
+    assert store.create(["d"], {}, None, "mine", max_queued=2)["output_adapter"] == "mine"  # canceled: free again
+    with pytest.raises(QueueFullError):  # resuming is queueing too
+        store.resume(first["job_id"], max_queued=2)
+    assert len(store.list()) == 4 and store.create(["e"], {}, None, None)["state"] == "queued"  # no cap given
+
+
+def test_exports_never_replace_a_file_even_when_two_jobs_race(tmp_path):
+    import threading
+
+    import torch
+
+    from spo_runtime.fsutil import file_sha256
+    from spo_runtime.lora.format import LoraModuleWeights
+    from spo_runtime.training.checkpoint import AdapterExistsError, export_adapter
+    from spo_runtime.training.config import TrainConfig
+
+    def modules(value):
+        return {"down_blocks.0.attn.to_q": LoraModuleWeights("down_blocks.0.attn.to_q", torch.full((2, 8), value),
+                                                              torch.full((8, 2), value), 2.0)}
+
+    adapters = tmp_path / "adapters"
+    out = export_adapter(adapters, "mine", modules(1.0), TrainConfig(), 3)
+    assert out["files"] == {"diffusers": "mine_diffusers.safetensors", "webui": "mine_webui.safetensors"}
+    before = {f: file_sha256(adapters / f) for f in out["files"].values()}
+    assert export_adapter(adapters, "mine", modules(1.0), TrainConfig(), 3) == out  # the same bytes again: a no-op
+    with pytest.raises(AdapterExistsError, match="'mine' is taken: mine_diffusers.safetensors, mine_webui.safetensors"):
+        export_adapter(adapters, "mine", modules(2.0), TrainConfig(), 4)
+    assert {f: file_sha256(adapters / f) for f in before} == before
+    (adapters / "gone_diffusers.safetensors").symlink_to(tmp_path / "nowhere")  # even a dangling link is kept
+    with pytest.raises(AdapterExistsError):
+        export_adapter(adapters, "gone", modules(2.0), TrainConfig(), 4)
+    assert not (adapters / "gone_webui.safetensors").exists()
+    # two jobs exporting one name at once: one wins, whole; the other fails and leaves nothing of its own
+    results, barrier = {}, threading.Barrier(2)
+
+    def job(value):
+        barrier.wait()
+        try:
+            results[value] = export_adapter(adapters, "race", modules(value), TrainConfig(), 5)
+        except AdapterExistsError as e:
+            results[value] = e
+
+    threads = [threading.Thread(target=job, args=(v,)) for v in (5.0, 6.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [v for v, r in results.items() if isinstance(r, dict)]
+    assert len(won) == 1 and isinstance(results[11.0 - won[0]], AdapterExistsError), results
+    assert {layout: file_sha256(adapters / rel) for layout, rel in results[won[0]]["files"].items()} == results[won[0]]["sha256"]
+    assert not [p.name for p in adapters.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
 def test_locked_sees_a_trainer_holding_the_job_lock(store):
     rec = store.create(["a"], {}, None, None)
     assert not store.locked(rec["job_id"])
@@ -119,6 +195,40 @@ def test_a_trainer_that_exits_non_zero_fails_the_job_with_the_reason(store, monk
     # the parent closed its copy of the log's descriptor after starting the trainer
     assert str(d / "trainer.log") not in _open_files()
     assert sup.counts()["failed"] == 1
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """A process's environment as the kernel holds it (what it was started with)."""
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        return dict(kv.split("=", 1) for kv in fh.read().decode().split("\0") if "=" in kv)
+
+
+def test_a_trainer_gets_no_tokens_and_loopback_collectives(store):
+    """The trainer's real environment (/proc/<pid>/environ): no token of our routes ever; the hub's only
+    for a job that may fetch from the hub (here: the SPM, not local, while the server is online)."""
+    secrets = {"SPO_ADMIN_TOKEN": "admin-secret-0123456789", "SPO_API_TOKEN": "api-secret-0123456789",
+               "HF_TOKEN": "hf_secret0123", "HUGGING_FACE_HUB_TOKEN": "hf_legacy0123"}
+    env = {"PATH": os.environ["PATH"], "SPO_MODEL": "tiny", "GIVEN": "yes", "MASTER_ADDR": "10.1.2.3",
+           "GLOO_SOCKET_IFNAME": "eth0", **secrets}
+    offline = store.create(["a"], {"scorer": "brightness"}, None, None)
+    fetches = store.create(["b"], {}, None, None)  # scorer spm, no SPO_SPM: its trainer downloads the SPM
+    sup = _supervise(store, [sys.executable, "-c", "import time; time.sleep(60)"], env=env, max_jobs=2)
+    try:
+        wait_until(lambda: len(sup.running) == 2)
+        seen = {job: _environ(proc.pid) for job, proc in sup.running.items()}
+    finally:
+        sup.stop(grace_s=5)
+    for job, hub in ((offline["job_id"], False), (fetches["job_id"], True)):
+        e = seen[job]
+        assert e["GIVEN"] == "yes" and e["SPO_MODEL"] == "tiny"
+        assert "SPO_ADMIN_TOKEN" not in e and "SPO_API_TOKEN" not in e
+        assert not any(v in kv for kv in e.items() for v in (secrets["SPO_ADMIN_TOKEN"], secrets["SPO_API_TOKEN"]))
+        assert (e.get("HF_TOKEN"), e.get("HUGGING_FACE_HUB_TOKEN")) == ((secrets["HF_TOKEN"], secrets["HUGGING_FACE_HUB_TOKEN"])
+                                                                        if hub else (None, None))
+        assert ("HF_HUB_DISABLE_IMPLICIT_TOKEN" in e) != hub  # nor the token a login left in HF_HOME
+        assert e["MASTER_ADDR"] == "127.0.0.1" and e["GLOO_SOCKET_IFNAME"] == "lo" and e["NCCL_SOCKET_IFNAME"] == "lo"
+    # offline, nothing is fetched: the hub's token stays behind too
+    assert "HF_TOKEN" not in trainer_env({**env, "SPO_MODEL": "sdxl-spo", "HF_HUB_OFFLINE": "1"}, {})
 
 
 def test_a_trainer_that_cannot_start_fails_the_job(store, tmp_path):

@@ -152,6 +152,47 @@ def test_config_is_validated_with_field_names():
     assert e.value.field == "config.bogus"
 
 
+@pytest.mark.parametrize("field, value, rule", [
+    ("width", 100000, "a multiple of 8 in 32..2048"), ("height", 7, "a multiple of 8 in 32..2048"),
+    ("beta", 1e300, "(0.0, 1000.0]"), ("alpha", 1e9, "(0.0, 4096.0]"), ("epochs", 1e9, "(0.0, 1000.0]"),
+    ("max_rounds", 10**12, "1..1000000"), ("seed", 2**70, "0..4294967295"), ("checkpoint_every", 10**9, "1..1000000"),
+    ("keep_checkpoints", 10**6, "1..100"), ("grad_clip", 1e300, "(0.0, 1000.0]"), ("weight_decay", 1e9, "0.0..1.0"),
+    ("adam_eps", 2.0, "(0.0, 1.0]"), ("lr", float("nan"), "finite"), ("guidance_scale", float("inf"), "finite"),
+    ("targets", ["x"] * 1000, "1..64"), ("targets", [], "1..64"), ("targets", ["x" * 200], "1..128 characters"),
+    ("betas", [0.9, 1.5], "[0, 1)"), ("betas", [float("nan"), 0.9], "[0, 1)"), ("spm_path", "x" * 5000, "4096"),
+])
+def test_every_number_and_list_of_the_config_is_bounded(field, value, rule):
+    with pytest.raises(InvalidRequestError) as e:
+        TrainConfig.parse({field: value})
+    assert e.value.field == f"config.{field}" and rule in e.value.message, e.value.message
+
+
+def test_spm_path_is_spo_spm_or_a_file_under_the_adapter_dir(tmp_path):
+    adapters, elsewhere = tmp_path / "adapters", tmp_path / "models"
+    (adapters / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for f in (adapters / "sub" / "spm.safetensors", adapters / "spm.bin", adapters / "notes.txt", elsewhere / "spm.safetensors",
+              elsewhere / "other.safetensors"):
+        f.write_bytes(b"x")
+    (adapters / "out.safetensors").symlink_to(elsewhere / "other.safetensors")
+    configured = str(elsewhere / "spm.safetensors")  # SPO_SPM
+
+    def resolved(value):
+        return TrainConfig.parse({"spm_path": value}).with_spm_under(adapters, configured).spm_path
+
+    assert resolved("sub/spm.safetensors") == str((adapters / "sub" / "spm.safetensors").resolve())
+    assert resolved(str(adapters / "spm.bin")) == str((adapters / "spm.bin").resolve())
+    assert resolved(configured) == configured and resolved(str(elsewhere / "x" / ".." / "spm.safetensors")) == configured
+    assert TrainConfig.parse({}).with_spm_under(adapters, None).spm_path is None
+    for bad, needle in [("/etc/passwd", "must be SPO_SPM or a .safetensors or .bin file under SPO_ADAPTER_DIR"),
+                        ("../models/other.safetensors", "under SPO_ADAPTER_DIR"), ("out.safetensors", "under SPO_ADAPTER_DIR"),
+                        (str(elsewhere / "other.safetensors"), "under SPO_ADAPTER_DIR"), ("notes.txt", ".safetensors or .bin"),
+                        ("missing.safetensors", "no such file"), ("a\x00b.safetensors", "SPO_SPM")]:
+        with pytest.raises(InvalidRequestError) as e:
+            resolved(bad)
+        assert e.value.field == "config.spm_path" and needle in e.value.message, (bad, e.value.message)
+
+
 @pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_dir, tmp_path):
     """A round with gradient checkpointing (backward recomputes the UNet under the policy's row

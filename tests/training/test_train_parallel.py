@@ -1,5 +1,6 @@
 """Data-parallel SPO training on CPU (gloo, 2 ranks): the same LoRA as one process that sees the same
-pairs with twice the accumulation; a killed rank fails the job with the reason; the job resumes."""
+pairs with twice the accumulation; a killed rank fails the job with the reason; the job resumes; the
+ranks' environment holds no token and their collectives listen on loopback only."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from spo_runtime import Settings, load_pipeline
-from spo_runtime.training.distributed import resolve_world
+from spo_runtime.training.distributed import launch, resolve_world
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.training.jobs import JobStore
 from spo_runtime.training.config import TrainConfig
@@ -99,6 +100,41 @@ def test_two_ranks_equal_one_process_and_a_killed_rank_fails_then_resumes(tiny_d
     assert worst(lora(checkpoint(tmp_path / "one", 3)), lora(checkpoint(run, 3))) < 1e-5
     exported = lora(tmp_path / "adapters" / rec["result"]["files"]["diffusers"])
     assert worst(exported, lora(checkpoint(run, 3))) == 0
+
+
+def _probe_rank(rank: int, world: int, rendezvous: str, out: str) -> None:
+    """A rank of a real gloo group: one all-reduce, then what it runs with: its environment as the kernel
+    holds it and the local addresses of its sockets while the group is up."""
+    import psutil
+
+    from spo_runtime.training.distributed import join_group
+
+    group = join_group(rank, world, rendezvous, "cpu", timeout_s=120)
+    total = group.all_sum([rank + 1])[0]
+    with open("/proc/self/environ", "rb") as fh:
+        env = dict(kv.split("=", 1) for kv in fh.read().decode().split("\0") if "=" in kv)
+    addresses = sorted({c.laddr.ip for c in psutil.Process().net_connections(kind="inet") if c.laddr})
+    (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"env": env, "sum": total, "addresses": addresses}))
+    group.barrier()
+    group.close()
+
+
+@pytest.mark.slow
+def test_ranks_get_no_tokens_and_their_collectives_listen_on_loopback(tmp_path, monkeypatch):
+    # a trainer process started by hand with the server's tokens and a network interface for gloo
+    monkeypatch.setenv("SPO_ADMIN_TOKEN", "admin-secret-0123456789")
+    monkeypatch.setenv("SPO_API_TOKEN", "api-secret-0123456789")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    result = launch(2, _probe_rank, (str(tmp_path),), tmp_path / ".rendezvous", error_dir=tmp_path)
+    assert result.ok, result.reason
+    assert os.environ["SPO_ADMIN_TOKEN"] == "admin-secret-0123456789"  # the launcher's own is left as it was
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        env = seen["env"]
+        assert seen["sum"] == 3  # the collective ran
+        assert "SPO_ADMIN_TOKEN" not in env and "SPO_API_TOKEN" not in env
+        assert env["MASTER_ADDR"] == "127.0.0.1" and env["GLOO_SOCKET_IFNAME"] == "lo"
+        assert seen["addresses"] and all(a.startswith("127.") for a in seen["addresses"]), seen["addresses"]
 
 
 def test_world_resolution_and_the_effective_batch():
