@@ -210,8 +210,8 @@ def _init_images(body: dict, request: dict, batch: int, iters: int, size_range: 
     if not isinstance(images, list) or not images:
         raise InvalidRequestError("init_images", "must be a list of at least one base64 image")
     if len(images) > batch * iters:
-        raise InvalidRequestError("init_images", f"{len(images)} images were sent, but only {batch * iters} are used "
-                                                 f"(batch_size x n_iter = {batch} x {iters}): send at most that many")
+        raise InvalidRequestError("init_images", f"{len(images)} images were sent, but batch_size x n_iter = "
+                                                 f"{batch} x {iters} uses at most {batch * iters}: send no more")
     opened = []
     for i, v in enumerate(images):
         try:
@@ -228,7 +228,6 @@ def _init_images(body: dict, request: dict, batch: int, iters: int, size_range: 
             inits.append(load_rgb(im))
         except ValueError as e:
             raise InvalidRequestError(f"init_images[{i}]", str(e)) from None
-        opened[i] = None  # each image's bytes go once it is decoded
     return inits
 
 

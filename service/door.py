@@ -94,7 +94,7 @@ class Contract:
         try:
             body = await _read(receive, limit)
         except _TooLarge as e:
-            return await _refuse(send, 400, f"body: must be at most {limit} bytes, got more than {e.size}", "body")
+            return await _refuse(send, 400, f"body: must be at most {limit} bytes, got at least {e.size}", "body")
         if body is None:  # the client left
             return
         if model is not None:

@@ -51,7 +51,7 @@ def open_image(v: Any, size_range: tuple[int, int] | None = None, width: int | N
         try:
             img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG", "WEBP"))  # the header only
         except Image.DecompressionBombError:
-            raise ValueError(f"must have at most {MAX_IMAGE_PIXELS:,} pixels, got far more") from None
+            raise ValueError(f"must have at most {MAX_IMAGE_PIXELS:,} pixels, got more than Pillow opens") from None
         except Exception:
             raise ValueError(f"must be {what} (not decodable as one)") from None
     check_image_size(shown_size(img), size_range, width, height)
