@@ -202,22 +202,40 @@ def parse(body: dict, svc, img2img: bool) -> dict:
         request.update(adapter=adapter, lora_scale=scale)
     inits = []
     if img2img:
-        images = body.get("init_images")
-        if not isinstance(images, list) or not images:
-            raise InvalidRequestError("init_images", "must be a list of at least one base64 image")
-        from spo_runtime.imaging import decode_image
-
-        for i, v in enumerate(images):
-            try:
-                inits.append(decode_image(v))
-            except ValueError as e:
-                raise InvalidRequestError(f"init_images[{i}]", str(e)) from None
-        if body.get("resize_mode") not in (None, 0) and any(im.size != (request["width"], request["height"]) for im in inits):
-            raise InvalidRequestError("resize_mode", "only 0 (just resize) is supported when an init image is not "
-                                                     f"{request['width']}x{request['height']}")
+        inits = _init_images(body, request, batch, iters, svc.pipe.preset.size_range)
         request["strength"] = _number(body, "denoising_strength", 0.75)
     return {"request": request, "n": batch * iters, "seed": None if seed == -1 else seed, "prompt": prompt,
             "negative": negative or "", "inits": inits, "adapter": adapter, "scale": scale, "batch": batch}
+
+
+def _init_images(body: dict, request: dict, batch: int, iters: int, size_range: tuple[int, int]) -> list:
+    """`init_images`, decoded once: first their number (no more than the batch_size x n_iter images use),
+    then every header (the sizes the preset allows), and only then their pixels, upright by EXIF."""
+    from spo_runtime.imaging import load_rgb, open_image, shown_size
+
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise InvalidRequestError("init_images", "must be a list of at least one base64 image")
+    if len(images) > batch * iters:
+        raise InvalidRequestError("init_images", f"{len(images)} images were sent, but batch_size x n_iter = "
+                                                 f"{batch} x {iters} uses at most {batch * iters}: send no more")
+    opened = []
+    for i, v in enumerate(images):
+        try:
+            opened.append(open_image(v, size_range, request["width"], request["height"]))
+        except ValueError as e:
+            raise InvalidRequestError(f"init_images[{i}]", str(e)) from None
+    if body.get("resize_mode") not in (None, 0) and any(shown_size(im) != (request["width"], request["height"])
+                                                        for im in opened):
+        raise InvalidRequestError("resize_mode", "only 0 (just resize) is supported when an init image is not "
+                                                 f"{request['width']}x{request['height']}")
+    inits = []
+    for i, im in enumerate(opened):
+        try:
+            inits.append(load_rgb(im))
+        except ValueError as e:
+            raise InvalidRequestError(f"init_images[{i}]", str(e)) from None
+    return inits
 
 
 def _override_settings(value, svc) -> None:
@@ -274,9 +292,14 @@ def _png(image, text: str) -> str:
     return base64.b64encode(encode_png(image, text)).decode()
 
 
+def _parse_raw(raw: bytes, svc, img2img: bool) -> tuple[dict, dict]:
+    """(the JSON body, `parse` of it): in a worker thread, where an img2img body's images are decoded."""
+    body = context.json_body(raw or b"{}")
+    return body, parse(body, svc, img2img)
+
+
 async def _generate(svc, request: Request, img2img: bool) -> Response:
-    body = context.json_body(await request.body() or b"{}")
-    parsed = await anyio.to_thread.run_sync(parse, body, svc, img2img)
+    body, parsed = await anyio.to_thread.run_sync(_parse_raw, await request.body(), svc, img2img)
     base = parsed["request"]
     fields = [{**base, "init_image": im} for im in parsed["inits"]] or [base]  # image i % len(inits) for image i
     t0 = time.time()

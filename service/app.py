@@ -18,5 +18,9 @@ ROUTES = [
     *ui.ROUTES,  # /ui: the playground page
 ]
 ERROR_SHAPES: dict[str, ForeignShape] = {shape.prefix: shape for shape in (openai_api.ERRORS, a1111.ERRORS)}
+# the body limits of the compatibility routes (the door's; other routes: door.DEFAULT_BODY_LIMIT): their JSON
+# bodies have our generation limit, those that carry images SPO_MAX_IMAGE_BYTES
+JSON_ROUTES = ("/v1/images/generations", "/sdapi/v1/txt2img")
+IMAGE_ROUTES = ("/v1/images/edits", "/sdapi/v1/img2img")
 
 app = Starlette(routes=ROUTES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Mapping
 
+import anyio
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -38,11 +39,13 @@ def parsed(scope: Mapping, model: type[BaseModel] | None = None) -> BaseModel | 
 
 
 class Contract:
-    """Outermost middleware. For every POST: refuse bodies over the route's limit (400 naming the limit: the
-    status this API has always given).
+    """Outermost middleware. For every POST: read the body here, whatever its framing (Content-Length or
+    chunked), and refuse it past the route's limit (`limits`, else `default_limit`) with a 400 naming `body`
+    (the status this API has always given) in the route's API shape; the route reads the body read here.
     For the generation routes (`models`): check the caller (`guard`), refuse bodies that are not JSON (415)
     and validate the JSON against the route's model, answering our 400 naming the field; the framework's
-    own validation then never sees a bad body, and the route gets the parsed model (`parsed`). For every
+    own validation then never sees a bad body, and the route gets the parsed model (`parsed`); validating runs
+    in a worker thread, since it decodes an init_image (bounded from its header first). For every
     route: an error answer that is not already in the one error shape (a framework 404/405/500, a
     validation error of BentoML's) is rewritten into it, or into the shape registered for its path prefix
     (`shapes`)."""
@@ -78,63 +81,72 @@ class Contract:
         if length.isdigit() and int(length) > limit:
             return await _refuse(send, 400, f"body: must be at most {limit} bytes, got {int(length)}", "body")
         model = self.models.get(path)
-        if model is None:  # stream through, counting
-            return await self._limited(scope, receive, send, limit)
-        refusal = self.guard(headers) if self.guard is not None else None
-        if refusal is not None:
-            return await refusal(scope, receive, send)
-        media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if media not in ("application/json", ""):
-            return await _refuse(send, 415, f"content-type: must be application/json, got {media!r}",
-                                 "content-type", "unsupported_media_type")
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                return await _refuse(send, 400, f"body: must be at most {limit} bytes, got more", "body")
+        if model is not None:
+            refusal = self.guard(headers) if self.guard is not None else None
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+            media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            if media not in ("application/json", ""):
+                return await _refuse(send, 415, f"content-type: must be application/json, got {media!r}",
+                                     "content-type", "unsupported_media_type")
+        # every route's body is read here, bounded, before its handler runs: an overflow is this answer, in
+        # the route's API shape, never an exception inside a handler (which would answer it as a 500)
         try:
-            value, invalid = parse_body(model, body), None
-        except InvalidRequestError as e:
-            value, invalid = None, e
-        if len(body) > plain_limit and not (getattr(value, "init_image", None) is not None if invalid is None
-                                            else _has_image(body)):
-            return await _refuse(send, 400, f"body: must be at most {plain_limit} bytes without init_image "
-                                            f"(SPO_MAX_IMAGE_BYTES={limit} with one), got {len(body)}", "body")
-        if invalid is not None:
-            return await _send_json(send, 400, error_body(400, str(invalid), invalid.field,
-                                                          getattr(invalid, "errors", None)))
-        scope["state"] = {**(scope.get("state") or {}), PARSED: value}  # a copy: the server's state dict stays as it was
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _limited(self, scope, receive, send, limit):
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge(seen)
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
+            body = await _read(receive, limit)
         except _TooLarge as e:
-            await _refuse(send, 400, f"body: must be at most {limit} bytes, got {e.size}", "body")
+            return await _refuse(send, 400, f"body: must be at most {limit} bytes, got at least {e.size}", "body")
+        if body is None:  # the client left
+            return
+        if model is not None:
+            # off the event loop: validating decodes an init_image (after its header is bounded)
+            value, invalid, image = await anyio.to_thread.run_sync(_validate, model, body, plain_limit)
+            if len(body) > plain_limit and not image:
+                return await _refuse(send, 400, f"body: must be at most {plain_limit} bytes without init_image "
+                                                f"(SPO_MAX_IMAGE_BYTES={limit} with one), got {len(body)}", "body")
+            if invalid is not None:
+                return await _send_json(send, 400, error_body(400, str(invalid), invalid.field,
+                                                              getattr(invalid, "errors", None)))
+            scope["state"] = {**(scope.get("state") or {}), PARSED: value}  # a copy: the server's state dict stays as it was
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _read(receive, limit: int) -> bytes | None:
+    """The whole request body, or None when the client disconnected; _TooLarge once it passes `limit`."""
+    chunks, seen, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise _TooLarge(seen)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app the body read at the door, then waits on the client as before."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _validate(model: type[BaseModel], body: bytes, plain_limit: int) -> tuple[Any, InvalidRequestError | None, bool]:
+    """(the parsed body or None, the error or None, whether it carries an init_image): in a worker thread."""
+    try:
+        value = parse_body(model, body)
+        return value, None, getattr(value, "init_image", None) is not None
+    except InvalidRequestError as e:
+        return None, e, len(body) > plain_limit and _has_image(body)
 
 
 def _has_image(body: bytes) -> bool:

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import anyio
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -38,6 +40,7 @@ from spo_runtime.imaging import FORMATS
 from spo_runtime.limits import DEFAULT_STRENGTH, MAX_IMAGES, MAX_SEED
 
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_FILES, MAX_FIELDS = 4, 64  # parts of an edits body: the image (and a mask, refused by name); the form fields
 
 
 def size_range(svc) -> tuple[int, int, int]:
@@ -246,7 +249,12 @@ async def edits(svc, request: Request) -> Response:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "multipart/form-data":
         raise InvalidRequestError("body", f"must be multipart/form-data (as the OpenAI SDK sends it), got {media!r}")
-    form = await request.form(max_files=4, max_fields=64)
+    try:  # the door bounds the body's bytes (SPO_MAX_IMAGE_BYTES); the parser its parts
+        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS)
+    except (HTTPException, MultiPartException) as e:  # Starlette's: a part too many or too large, a broken body
+        detail = e.detail if isinstance(e, HTTPException) else e.message
+        raise InvalidRequestError("body", f"multipart/form-data: {detail} (at most {MAX_FILES} files and "
+                                          f"{MAX_FIELDS} fields)") from None
     try:
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
         files = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
@@ -269,8 +277,10 @@ async def edits(svc, request: Request) -> Response:
         raise InvalidRequestError("strength", f"must be a number in (0, 1], got {strength!r}") from None
 
     def decode():
-        try:
-            return image_from_bytes(data)  # the uploaded file's bytes, decoded once
+        request_fields = opts["request"]
+        try:  # the uploaded file's bytes, bounded from its header, then decoded once
+            return image_from_bytes(data, size_range=svc.pipe.preset.size_range, width=request_fields.get("width"),
+                                    height=request_fields.get("height"))
         except ValueError as e:
             raise InvalidRequestError("image", str(e)) from None
 

@@ -7,13 +7,13 @@ import enum
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
-from spo_runtime.imaging import decode_image
+from spo_runtime.imaging import check_image_size, decode_image
 from spo_runtime.limits import (ADAPTER_NAME, ADAPTER_NAME_RULE, DEFAULT_STRENGTH, GUIDANCE_RANGE, LORA_SCALE_RANGE,
                                 MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, MAX_SEED, SIZE_RANGE, STEPS_RANGE)
 from spo_runtime.sampling.sampler import SCHEDULERS, SamplerRow
@@ -70,9 +70,11 @@ class GenerationRequest(BaseModel):
     init_image: Any = Field(
         None, json_schema_extra={"type": "string", "format": "byte"},
         description="img2img: the starting image, base64 PNG, JPEG or WebP (a data: URL prefix is allowed; a PIL "
-                    f"image in the library), at most {MAX_IMAGE_PIXELS:,} pixels (the body limit is SPO_MAX_IMAGE_BYTES). The output has its size rounded "
-                    "down to a multiple of 8 unless width/height are given (then the image is resized to them); "
-                    "a size outside the preset's range is a 400 naming `init_image`.")
+                    f"image in the library), at most {MAX_IMAGE_PIXELS:,} pixels (the body limit is SPO_MAX_IMAGE_BYTES), "
+                    "turned upright by its EXIF orientation. The output has its size rounded "
+                    "down to a multiple of 8 unless width/height are given (then the image is resized to them, and "
+                    "may hold at most as many pixels as the preset's largest image); a size outside the preset's "
+                    "range is a 400 naming `init_image`, answered from the image's header before it is decoded.")
     strength: float | None = Field(
         None, gt=0.0, le=1.0, allow_inf_nan=False,
         description=f"img2img: how much of the schedule runs, (0, 1]; null: {DEFAULT_STRENGTH}. The last "
@@ -86,10 +88,15 @@ class GenerationRequest(BaseModel):
             raise ValueError("must be 0 unless scheduler is 'ddim'")
         return v
 
+    # the sides this model allows (a preset's: `for_sizes`); an init_image is checked against them from its header
+    size_range: ClassVar[tuple[int, int]] = SIZE_RANGE
+
     @field_validator("init_image", mode="plain")
     @classmethod
-    def _init_image(cls, v: Any) -> Image.Image | None:
-        return v if v is None else decode_image(v)
+    def _init_image(cls, v: Any, info: ValidationInfo) -> Image.Image | None:
+        if v is None:
+            return None
+        return decode_image(v, cls.size_range, info.data.get("width"), info.data.get("height"))
 
     @field_validator("strength")
     @classmethod
@@ -116,7 +123,9 @@ class GenerationRequest(BaseModel):
             return cls
         size = {name: (int | None, Field(None, ge=lo, le=hi, multiple_of=8, description=f.description))
                 for name, f in cls.model_fields.items() if name in ("width", "height")}
-        return create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **size)
+        model = create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **size)
+        model.size_range = (lo, hi)
+        return model
 
     @classmethod
     def parse(cls, data: Any, size_range: tuple[int, int] | None = None) -> GenerationRequest:
@@ -139,6 +148,11 @@ class GenerationRequest(BaseModel):
         model = GenerationRequest.for_sizes(lo, hi)
         problems = [(name, f"must be {allowed(model, name)}, got {v!r}") for name in ("width", "height")
                     if (v := getattr(self, name)) is not None and not lo <= v <= hi]
+        if self.init_image is not None and not problems:
+            try:
+                check_image_size(self.init_image.size, (lo, hi), self.width, self.height)
+            except ValueError as e:
+                problems.append(("init_image", str(e)))
         if problems:
             raise invalid(problems)
 

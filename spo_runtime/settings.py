@@ -172,8 +172,9 @@ class Settings(BaseModel):
         return n
 
     max_image_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024,
-                                 description="body limit of generation requests that carry an init_image, in bytes "
-                                             "(others: 64 KiB)")
+                                 description="body limit of generation requests that carry images (/generate with "
+                                             "init_image, /sdapi/v1/img2img, /v1/images/edits), in bytes (other "
+                                             "generation bodies: 64 KiB)")
     log_prompts: bool = Field(False, description="true: access log lines include the prompt text")
     public_url: str | None = Field(None, pattern=r"^https?://[^\s?#]+$",
                                    description="absolute base URL of OpenAI `url` image results (the URL clients "

@@ -146,6 +146,39 @@ def test_too_many_pixels_refused_before_decoding(pipe):
     assert "16,777,216 pixels" in str(e.value)
 
 
+def test_sizes_are_refused_from_the_header_before_decoding(pipe, monkeypatch):
+    """A PNG of 4096x4096 grey pixels is 20 KB; its size is read from the header and refused for the tiny preset
+    (sides 32..256) whether the output would take its size or resize it: its pixels are never decoded."""
+    import zlib
+
+    side = 4096
+    raw = zlib.compress(b"".join(b"\x00" + b"\x80" * side for _ in range(side)), 9)
+    chunk = lambda kind, data: len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    bomb = base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+                            + chunk(b"IDAT", raw) + chunk(b"IEND", b"")).decode()
+    decoded = []
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", lambda self: decoded.append(self.size))
+    for extra, needle in [({}, "sides in 32..256"), ({"width": 64, "height": 64}, "at most 256x256 = 65,536 pixels")]:
+        with pytest.raises(InvalidRequestError) as e:
+            pipe.parse(dict(prompt="a", init_image=bomb, **extra))
+        assert e.value.field == "init_image" and "4096x4096" in str(e.value) and needle in str(e.value)
+    assert decoded == []
+
+
+def test_exif_orientation_is_applied_once_and_a_callers_image_is_not_changed(pipe):
+    shown = Image.new("RGB", (64, 32), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: 32 wide, 64 high
+    buf = io.BytesIO()
+    shown.save(buf, format="JPEG", exif=exif)
+    req = pipe.parse(dict(prompt="a", init_image=base64.b64encode(buf.getvalue()).decode()))
+    assert req.init_image.size == (32, 64) and req.init_image.mode == "RGB"
+    assert pipe.parse(dict(prompt="a", init_image=req.init_image)).init_image is req.init_image  # not turned twice
+    theirs = Image.open(io.BytesIO(buf.getvalue()))
+    assert pipe.parse(dict(prompt="a", init_image=theirs)).init_image.size == (32, 64) and theirs.size == (64, 32)
+    assert pipe.prepare([req])[0].width == 32
+
+
 def test_strength_rules(pipe, init_image):
     with pytest.raises(InvalidRequestError, match="strength: only with init_image"):
         pipe.prepare([dict(prompt="a", strength=0.5)])

@@ -121,3 +121,27 @@ def test_the_parsed_body_is_handed_on_and_foreign_shapes_are_registered_explicit
     assert seen[0] == Body(prompt="a") and seen[1] is None  # validated once, at the door, for its routes only
     assert c.get("/theirs/nowhere").json() == {"message": "Not Found", "param": None}
     assert c.get("/nowhere").json()["detail"] == [{"loc": [], "msg": "Not Found", "type": "not_found"}]
+
+
+def test_a_chunked_body_past_the_limit_is_refused_at_the_door_even_where_the_handler_catches_everything():
+    """The door reads every route's body before its handler runs: a handler's `except Exception` (ours answer
+    any exception as a 500) never sees the overflow, and the answer has the path's API shape."""
+    from service.errors import foreign_shape
+
+    async def swallow(request: Request):
+        try:
+            return JSONResponse({"got": len(await request.body())})
+        except Exception as e:
+            return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
+
+    theirs = foreign_shape("/theirs/", lambda status, message, field, headers: JSONResponse(
+        {"message": message, "param": field}, status_code=status, headers=headers), lambda d: "message" in d)
+    app = Starlette(routes=[Route("/ours", swallow, methods=["POST"]), Route("/theirs/x", swallow, methods=["POST"])])
+    c = TestClient(Contract(app, limits={"/theirs/x": 1000}, default_limit=128, shapes={theirs.prefix: theirs}))
+    chunks = lambda n: iter([b"x" * 100] * n)  # no Content-Length: chunked
+    assert c.post("/ours", content=chunks(1)).json() == {"got": 100}
+    r = c.post("/ours", content=chunks(3))
+    assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["body"] and "at most 128 bytes" in r.json()["error"]
+    assert c.post("/theirs/x", content=chunks(9)).json() == {"got": 900}
+    r = c.post("/theirs/x", content=chunks(11))
+    assert r.status_code == 400 and r.json()["param"] == "body" and "at most 1000 bytes" in r.json()["message"]
