@@ -1,9 +1,4 @@
-"""The acceptance test of issue 23, not yet part of `make test` (its file name keeps pytest from collecting it
-until the fixes land; then it becomes tests/service/test_hostile.py). Run it alone with
-`PYTHONPATH=. .venv/bin/python -m pytest tests/service/hostile_issue23.py`: on the code of this commit 39 of its
-54 cases fail, as the issue asks of each class before its fix.
-
-Hostile input on every door, against a real `bentoml serve` (issue 23): images bounded before they are
+"""Hostile input on every door, against a real `bentoml serve` (issue 23): images bounded before they are
 decoded and decoded off the event loop, our body limits and error shapes on every route (chunked bodies and
 multipart too), type confusion answered 400, names the file system refuses, training input kept inside its
 directories and bounds, nothing leaked without a token, metrics labels from closed sets, admission by cost."""
@@ -24,7 +19,7 @@ from PIL import Image
 
 from server import Server
 
-pytestmark = pytest.mark.server  # its own server: admission by cost (SPO_MAX_QUEUE_COST) and one queued job
+pytestmark = [pytest.mark.server, pytest.mark.serial]  # its own server (admission by cost, one queued job); /livez is timed: alone
 API = "hostile-api-token-0123"
 ADMIN = "hostile-admin-token-0123"
 
