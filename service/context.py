@@ -116,10 +116,14 @@ def unavailable(svc: Service | None) -> EngineUnavailableError:
         return EngineUnavailableError("the server is stopping (SIGTERM): send this request to another replica",
                                       retry_after=1)
     if svc.engine is not None and not svc.engine.alive:
-        return EngineUnavailableError(f"the engine thread died ({svc.engine.died}); the server must be restarted",
+        # the exception's type only: its text may hold paths (the server log and /info with the admin token have it)
+        died = (svc.engine.died or "").split(":", 1)[0].strip() or "unknown"
+        return EngineUnavailableError(f"the engine thread died ({died}); the server must be restarted",
                                       retry_after=30)
     if svc.failure:
-        return EngineUnavailableError(f"the model failed to load: {svc.failure}", retry_after=30)
+        failed = svc.failure.split(":", 1)[0].strip() or "load_failed"
+        return EngineUnavailableError(f"the model failed to load ({failed}); the server log and /info with the "
+                                      "admin token say why", retry_after=30)
     return EngineUnavailableError("the model is still loading", retry_after=5)
 
 

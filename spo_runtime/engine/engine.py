@@ -114,7 +114,7 @@ class Engine:
             if self._stop:
                 raise EngineUnavailableError("the engine is stopped")
             if self.died is not None:
-                raise EngineUnavailableError(f"the engine thread died ({self.died}); restart the server", retry_after=30)
+                raise EngineUnavailableError(f"the engine thread died ({self.died_type}); restart the server", retry_after=30)
             self.scheduler.add(sub)  # QueueFullError past SPO_MAX_QUEUE or SPO_MAX_QUEUE_COST
             self._cv.notify_all()
         return sub
@@ -216,6 +216,12 @@ class Engine:
         return self.scheduler.steps
 
     @property
+    def died_type(self) -> str | None:
+        """The type of the exception that killed the engine thread: what answers to clients name (its text,
+        in `died`, may hold paths; the log and /info with the admin token carry it)."""
+        return None if self.died is None else self.died.split(":", 1)[0]
+
+    @property
     def alive(self) -> bool:
         """False once the engine thread died (not when it was stopped): /livez turns 503."""
         return self.died is None
@@ -247,7 +253,7 @@ class Engine:
             with self._cv:
                 self.died = f"{type(e).__name__}: {e}"
             log.critical("the engine thread died: %s", self.died, exc_info=e)
-            self._fail_all(EngineUnavailableError(f"the engine thread died ({self.died}); restart the server",
+            self._fail_all(EngineUnavailableError(f"the engine thread died ({self.died_type}); restart the server",
                                                   retry_after=30))
 
     def _serve(self) -> None:

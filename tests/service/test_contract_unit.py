@@ -145,3 +145,18 @@ def test_a_chunked_body_past_the_limit_is_refused_at_the_door_even_where_the_han
     assert c.post("/theirs/x", content=chunks(9)).json() == {"got": 900}
     r = c.post("/theirs/x", content=chunks(11))
     assert r.status_code == 400 and r.json()["param"] == "body" and "at most 1000 bytes" in r.json()["message"]
+
+
+def test_not_ready_answers_name_the_failures_type_only():
+    """A model that failed to load, or an engine thread that died: the 503 names the exception's type, never
+    its text (a path, a host name); the log and /info with the admin token carry the text."""
+    from types import SimpleNamespace
+
+    from service import context
+
+    svc = SimpleNamespace(draining=None, engine=None, failure="OSError: [Errno 2] /srv/secret/unet missing", ready=False)
+    e = context.not_ready(svc)
+    assert e.retry_after == 30 and "OSError" in str(e) and "/srv/secret" not in str(e), str(e)
+    svc.failure, svc.engine = None, SimpleNamespace(alive=False, died="RuntimeError: /srv/secret/x.safetensors")
+    e = context.not_ready(svc)
+    assert "engine thread died (RuntimeError)" in str(e) and "/srv/secret" not in str(e), str(e)
