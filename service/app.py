@@ -7,11 +7,13 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from service import a1111, admin, openai_api, stream, train, ui
+from service import eval as evaluation  # not to shadow the builtin
 from service.errors import ForeignShape
 
 ROUTES = [
     *stream.ROUTES,  # /generate/stream: /generate's request as Server-Sent Events
     *train.ROUTES,  # /train/*
+    *evaluation.ROUTES,  # /eval/*: adapter evaluation jobs
     *admin.ROUTES,  # /info, /admin/*
     *openai_api.ROUTES,  # /v1/*: the OpenAI Images API
     *a1111.ROUTES,  # /sdapi/v1/*: the AUTOMATIC1111 API

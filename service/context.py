@@ -1,7 +1,7 @@
 """What every route module shares: the service of this worker (`bind`, `bound`), whether it can take a
 request now (`not_ready`), the one credential rule (`credentials_ok`), `guarded` (credentials, readiness,
 typed errors in the route's API shape), `run` (n requests through the engine), the seed draw, the
-request id and the access log.
+request id and the access log, and what the job routes share (`job_prompts`, `job_id`).
 
 Route modules import this module, never each other; the service (service.py) binds itself here at start.
 """
@@ -150,7 +150,7 @@ class Shape:
     retry_after: float | None = None  # this API's Retry-After when not ready (None: the reason's own)
 
 
-ADMIN = Shape(unauthorized=auth.admin_unauthorized, error=map_error, admin=True)  # /admin/*, /train/*
+ADMIN = Shape(unauthorized=auth.admin_unauthorized, error=map_error, admin=True)  # /admin/*, /train/*, /eval/*
 
 
 def guarded(shape: Shape, ready: bool = True):
@@ -226,6 +226,41 @@ def check_finite(value: Any) -> None:
     for where, leaf in leaves(value):
         if isinstance(leaf, float) and not math.isfinite(leaf):
             raise InvalidRequestError(where, f"must be a finite number, got {leaf}")
+
+
+# -- jobs (/train/*, /eval/*) ----------------------------------------------------------------------------
+
+
+def job_prompts(svc: Service, prompts: list[str] | None, prompts_file: str | None, limit: int) -> list[str]:
+    """A job's prompts: exactly one of a list or a .txt file under SPO_DATA_DIR (one prompt a line, blank
+    lines skipped); 1..`limit` of them, each a valid one-line prompt (InvalidRequestError naming `prompts`,
+    `prompts_file` or `prompts[i]`). Blocking (file reads): call it off the event loop."""
+    from spo_runtime.requests import GenerationRequest
+    from spo_runtime.state import resolve_under
+
+    if (prompts is None) == (prompts_file is None):
+        raise InvalidRequestError("prompts", "give exactly one of prompts (a list) or prompts_file")
+    if prompts_file is not None:
+        path = resolve_under(svc.jobs.root.parent, prompts_file, "prompts_file", suffixes=(".txt",))
+        prompts = [p for p in path.read_text().splitlines() if p.strip()]
+    if not 1 <= len(prompts) <= limit:
+        raise InvalidRequestError("prompts", f"must hold 1..{limit} prompts, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        try:
+            GenerationRequest.parse({"prompt": p})
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"prompts[{i}]", e.message) from None
+        if "\n" in p:
+            raise InvalidRequestError(f"prompts[{i}]", "must be one line")
+    return prompts
+
+
+def job_id(request: Request) -> str:
+    """The `job_id` query parameter (InvalidRequestError naming it when absent)."""
+    value = request.query_params.get("job_id")
+    if not value:
+        raise InvalidRequestError("job_id", "query parameter required")
+    return value
 
 
 # -- running requests ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""HTTP bodies: the generation bodies derived from the one request model, the admin and training
-bodies, the batch response and the error body, and what /docs.json declares for each route."""
+"""HTTP bodies: the generation bodies derived from the one request model, the admin, training and
+evaluation bodies, the batch response and the error body, and what /docs.json declares for each route."""
 
 from __future__ import annotations
 
@@ -153,6 +153,27 @@ class TrainSubmitBody(_Strict):
 
 class JobBody(_Strict):
     job_id: str = Field(max_length=64)
+
+
+class EvalEntryBody(_Strict):
+    adapter: str = Field(max_length=MAX_PATH)  # "none", a loaded adapter's name, or a .safetensors file
+    scale: float | None = Field(None, allow_inf_nan=False)  # default: the server's default scale
+
+
+class EvalSubmitBody(_Strict):
+    """Body of POST /eval/submit; counts and ranges are checked by the route, naming the entry."""
+
+    prompts: list[str] | None = None
+    prompts_file: str | None = Field(None, max_length=MAX_PATH)
+    adapters: list[EvalEntryBody]
+    seeds: list[int] = [0]
+    scorer: str = Field("spm", max_length=32)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = Field(None, max_length=32)
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str | None = None
 
 
 class LoadBody(_Strict):

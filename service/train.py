@@ -18,29 +18,6 @@ from service.context import ADMIN, Service, guarded
 from service.errors import Conflict
 from service.schemas import JobBody, TrainSubmitBody, check_adapter_name
 from spo_runtime.errors import InvalidRequestError
-from spo_runtime.requests import GenerationRequest
-
-
-def _training_prompts(svc: Service, body: TrainSubmitBody) -> list[str]:
-    from spo_runtime.state import resolve_under
-
-    if (body.prompts is None) == (body.prompts_file is None):
-        raise InvalidRequestError("prompts", "give exactly one of prompts (a list) or prompts_file")
-    if body.prompts_file is not None:
-        path = resolve_under(svc.jobs.root.parent, body.prompts_file, "prompts_file", suffixes=(".txt",))
-        prompts = [p for p in path.read_text().splitlines() if p.strip()]
-    else:
-        prompts = body.prompts
-    if not 1 <= len(prompts) <= 10_000:
-        raise InvalidRequestError("prompts", f"must hold 1..10000 prompts, got {len(prompts)}")
-    for i, p in enumerate(prompts):
-        try:
-            GenerationRequest.parse({"prompt": p})
-        except InvalidRequestError as e:
-            raise InvalidRequestError(f"prompts[{i}]", e.message) from None
-        if "\n" in p:
-            raise InvalidRequestError(f"prompts[{i}]", "must be one line")
-    return prompts
 
 
 def _start_adapter(svc: Service, name: str | None) -> str | None:
@@ -66,7 +43,7 @@ async def train_submit(svc: Service, request: Request) -> Response:
     from spo_runtime.training.config import TrainConfig
 
     body = await context.body(request, TrainSubmitBody)
-    prompts = await anyio.to_thread.run_sync(_training_prompts, svc, body)
+    prompts = await anyio.to_thread.run_sync(context.job_prompts, svc, body.prompts, body.prompts_file, 10_000)
     cfg = TrainConfig.parse(body.config)  # 400 naming config.<field>
     _check_sizes(svc, cfg)
     cfg = await anyio.to_thread.run_sync(cfg.with_spm_under, svc.settings.adapters_path, svc.settings.spm)
@@ -110,25 +87,18 @@ def _world(svc: Service, cfg) -> dict:
             "grad_accum": cfg.accumulation(world)}
 
 
-def _job_id(request: Request) -> str:
-    job_id = request.query_params.get("job_id")
-    if not job_id:
-        raise InvalidRequestError("job_id", "query parameter required")
-    return job_id
-
-
 def _public(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k not in ("result", "metrics")}
 
 
 @guarded(ADMIN)
 async def train_status(svc: Service, request: Request) -> Response:
-    return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.read, _job_id(request))))
+    return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.read, context.job_id(request), "train")))
 
 
 @guarded(ADMIN)
 async def train_get(svc: Service, request: Request) -> Response:
-    rec = await anyio.to_thread.run_sync(svc.jobs.read, _job_id(request))
+    rec = await anyio.to_thread.run_sync(svc.jobs.read, context.job_id(request), "train")
     if rec["state"] != "completed":
         raise Conflict("job_id", f"the job is {rec['state']}, not completed")
     res = rec["result"]
@@ -139,6 +109,7 @@ async def train_get(svc: Service, request: Request) -> Response:
 @guarded(ADMIN)
 async def train_cancel(svc: Service, request: Request) -> Response:
     body = await context.body(request, JobBody)
+    await anyio.to_thread.run_sync(svc.jobs.read, body.job_id, "train")
     return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.cancel, body.job_id)))
 
 
@@ -146,13 +117,14 @@ async def train_cancel(svc: Service, request: Request) -> Response:
 async def train_resume(svc: Service, request: Request) -> Response:
     """Queue a failed, canceled or interrupted job again: it resumes from its last checkpoint."""
     body = await context.body(request, JobBody)
+    await anyio.to_thread.run_sync(svc.jobs.read, body.job_id, "train")
     rec = await anyio.to_thread.run_sync(lambda: svc.jobs.resume(body.job_id, max_queued=svc.settings.max_queued_jobs))
     return JSONResponse(_public(rec))
 
 
 @guarded(ADMIN)
 async def train_list(svc: Service, request: Request) -> Response:
-    records = await anyio.to_thread.run_sync(svc.jobs.list)
+    records = await anyio.to_thread.run_sync(svc.jobs.list, "train")
     counts = await anyio.to_thread.run_sync(svc.supervisor.counts)
     jobs = [_public(r) | {"history": None} for r in records]
     return JSONResponse({"jobs": [{k: v for k, v in j.items() if v is not None} for j in jobs], "counts": counts})

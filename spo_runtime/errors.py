@@ -85,10 +85,10 @@ class EngineUnavailableError(SpoError):
 
 
 class JobNotFoundError(SpoError, KeyError):
-    """No training job has this id (HTTP 404)."""
+    """No job (of the kind the route serves: `what`, e.g. "training") has this id (HTTP 404)."""
 
-    def __init__(self, job_id: str):
-        super().__init__(f"job_id: no job {job_id!r}")
+    def __init__(self, job_id: str, what: str | None = None):
+        super().__init__(f"job_id: no {what + ' ' if what else ''}job {job_id!r}")
 
     def __str__(self) -> str:
         return self.args[0]

@@ -19,3 +19,6 @@ DEFAULT_STRENGTH = 0.75  # img2img, as A1111's default denoising strength
 # as re's `$` also matches before a trailing newline ("x\n" would pass `.match`)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_NAME_RULE = "1..64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+EVAL_MAX_PROMPTS = 256  # an evaluation job's prompts (/eval/submit)
+EVAL_MAX_ADAPTERS = 8  # its entries (adapter and scale; "none" is the base model)
+EVAL_MAX_SEEDS = 16  # its seeds per prompt

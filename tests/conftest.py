@@ -83,6 +83,24 @@ def max_pixel_diff(a, b) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
 
 
+def darkening_adapter(path) -> str:
+    """Write a LoRA that darkens every image of the tiny model, whatever the prompt and seed; its sha256.
+
+    It targets the UNet's conv_out, whose input is SiLU(GroupNorm(h)): down averages a 3x3 window over
+    every channel (positive wherever SiLU's positive mean dominates), up maps that to 300 x (1, 1, -1, 1).
+    The predicted noise gains a large term along (1, 1, -1, 1), so the sampler's clean-latent estimate ends
+    far along -(1, 1, -1, 1), whatever the prompt and seed, and the tiny VAE decodes that direction darker
+    than any base image: mean 119.8..120.6 against 121.4..122.4 for the base (64 prompt-seed pairs, 2 and 4
+    DDIM steps, 32x32). So a darkness scorer prefers it in every pair, by construction."""
+    from spo_runtime.lora.format import LoraModuleWeights, save_lora_file
+    from spo_runtime.model.tiny import UNET_CONFIG
+
+    channels = UNET_CONFIG["block_out_channels"][0]
+    down = torch.ones(1, channels, 3, 3) / (9 * channels)
+    up = torch.tensor([1.0, 1.0, -1.0, 1.0]).reshape(4, 1, 1, 1) * 300
+    return save_lora_file(path, {"conv_out": LoraModuleWeights("conv_out", down, up, 1.0)}, "diffusers")
+
+
 def wait_until(predicate, timeout: float = 30.0, every: float = 0.05):
     """Poll `predicate` until it returns something true, and return that; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

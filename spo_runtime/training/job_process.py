@@ -10,6 +10,8 @@
 - A job of N > 1 data-parallel ranks runs them as N processes under the trainer process
   (`distributed.launch`): it forwards SIGTERM to them, and when one dies it stops the others and
   fails the job with the rank and the reason.
+- An evaluation job (kind "eval") runs `evaluation.run_eval` instead, under the same lock, signals and
+  cancel file; it stops between batches.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def die_with_parent(parent_pid: int) -> bool:
 
 
 def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None = None) -> int:
-    """Body of `python -m spo_runtime train-job DIR`: train, checkpoint, export, record the outcome.
+    """Body of `python -m spo_runtime train-job DIR`: train, checkpoint, export, record the outcome (an
+    evaluation job: `evaluation.run_eval`).
 
     `parent_pid`: the supervisor's pid (`--parent-pid`, which the supervisor passes); the trainer dies
     with that process. Started by hand without it, it does not. A job of N > 1 ranks (config `nproc`,
@@ -75,6 +78,13 @@ def run_job(job_dir: str | Path, adapter_dir: str | Path, parent_pid: int | None
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop at the next round boundary, after a checkpoint
         signal.signal(sig, lambda *_: stop.update(term=True))
     try:
+        if store.read(job_id).get("kind", "train") == "eval":
+            from spo_runtime.training.evaluation import run_eval
+
+            try:
+                return run_eval(store, job_id, lambda: stop["term"])
+            except Exception as e:
+                return _failed(store, job_id, e)
         try:
             settings = Settings.from_env()
             cfg = TrainConfig.parse(store.read(job_id)["config"])

@@ -17,6 +17,9 @@ supervisor that runs them (`Supervisor`); the trainer process itself is `job_pro
   (no such file in the adapter directory, no waiting or running job of that name: AdapterExistsError).
 - A trainer's environment (`trainer_env`) is the server's without SPO_ADMIN_TOKEN and SPO_API_TOKEN, and
   without HF_TOKEN unless it may fetch from the hub; its ranks talk over loopback only.
+- A job has a kind (`KINDS`): "train" (SPO training) or "eval" (adapter evaluation,
+  `evaluation.run_eval`). Both kinds share the records, the queue, the slots and the job process;
+  `list`, `read` and `counts` take the kind a caller wants (a record without one is a training job).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ STATES = ("queued", "running", "completed", "failed", "canceled", "interrupted")
 FINAL = ("completed", "failed", "canceled")
 WAITING = ("queued", "interrupted")  # what SPO_MAX_QUEUED_JOBS counts
 HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # only when the trainer may fetch from the hub
+KINDS = {"train": "training", "eval": "evaluation"}  # a job's kind -> its name in messages
 TRAINER_COMMAND = (sys.executable, "-m", "spo_runtime", "train-job")  # + <dir> --adapter-dir <dir> --parent-pid <pid>
 
 
@@ -65,37 +69,47 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return d
 
-    def create(self, prompts: list[str], config: dict, start_adapter: str | None, output_adapter: str | None,
-               max_queued: int | None = None) -> dict:
-        """A new queued job. QueueFullError when `max_queued` jobs (SPO_MAX_QUEUED_JOBS; None: no cap) wait
-        already; AdapterExistsError when `output_adapter` names a file of the adapter directory or the
-        adapter of another waiting or running job. Both are checked under one lock, so two submissions
-        racing cannot both pass."""
+    def create(self, prompts: list[str], config: dict, start_adapter: str | None = None,
+               output_adapter: str | None = None, max_queued: int | None = None, kind: str = "train", **fields) -> dict:
+        """A new queued job of `kind` (KINDS); `fields` are added to its record. QueueFullError when `max_queued`
+        jobs of any kind (SPO_MAX_QUEUED_JOBS; None: no cap) wait already; for a training job,
+        AdapterExistsError when `output_adapter` names a file of the adapter directory or the adapter of
+        another waiting or running job. Both are checked under one lock, so two submissions racing cannot
+        both pass."""
         from spo_runtime.training.checkpoint import AdapterExistsError, check_adapter_free
 
+        if kind not in KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
         job_id = uuid.uuid4().hex[:16]
         name = output_adapter or f"spo-{job_id[:8]}"
         with _flock(self.root / ".create.lock"):
             jobs = self.list()
             _check_queue(jobs, max_queued)
-            check_adapter_free(self.adapter_dir, name)
-            if any(r["output_adapter"] == name and r["state"] not in FINAL for r in jobs):
-                raise AdapterExistsError(f"{name!r} is the output adapter of a job that is waiting or running; "
-                                         "pick another name")
+            if kind == "train":
+                check_adapter_free(self.adapter_dir, name)
+                if any(r.get("output_adapter") == name and r["state"] not in FINAL for r in jobs):
+                    raise AdapterExistsError(f"{name!r} is the output adapter of a job that is waiting or running; "
+                                             "pick another name")
             d = self.root / job_id
             d.mkdir(parents=True)
             atomic_write(d / "prompts.txt", ("\n".join(prompts) + "\n").encode())
             rec = {
-                "job_id": job_id, "state": "queued", "created_at": time.time(), "config": config,
-                "start_adapter": start_adapter, "output_adapter": name,
-                "prompts": len(prompts), "round": 0, "total_rounds": None, "pairs_kept": 0, "loss": None,
-                "clamp_share": None, "eta_s": None, "error": None, "history": [{"state": "queued", "at": time.time()}],
+                "job_id": job_id, "kind": kind, "state": "queued", "created_at": time.time(), "config": config,
+                "prompts": len(prompts), "eta_s": None, "error": None, "history": [{"state": "queued", "at": time.time()}],
             }
+            if kind == "train":
+                rec.update({"start_adapter": start_adapter, "output_adapter": name, "round": 0, "total_rounds": None,
+                            "pairs_kept": 0, "loss": None, "clamp_share": None})
+            rec.update(fields)
             write_json_atomic(d / "job.json", rec)
         return rec
 
-    def read(self, job_id: str) -> dict:
-        return json.loads((self.dir(job_id) / "job.json").read_text())
+    def read(self, job_id: str, kind: str | None = None) -> dict:
+        """The job's record; with `kind`, a job of another kind is not found (404 naming the kind)."""
+        rec = json.loads((self.dir(job_id) / "job.json").read_text())
+        if kind is not None and rec.get("kind", "train") != kind:
+            raise JobNotFoundError(job_id, KINDS[kind])
+        return rec
 
     def update(self, job_id: str, **fields) -> dict:
         d = self.dir(job_id)
@@ -108,11 +122,14 @@ class JobStore:
             write_json_atomic(d / "job.json", rec)
             return rec
 
-    def list(self) -> list[dict]:
+    def list(self, kind: str | None = None) -> list[dict]:
+        """Every job's record (of `kind` when given), oldest first."""
         out = []
         for f in sorted(self.root.glob("*/job.json")):
             with contextlib.suppress(OSError, json.JSONDecodeError):
-                out.append(json.loads(f.read_text()))
+                rec = json.loads(f.read_text())
+                if kind is None or rec.get("kind", "train") == kind:
+                    out.append(rec)
         return sorted(out, key=lambda r: r["created_at"])
 
     def cancel(self, job_id: str) -> dict:
@@ -164,8 +181,8 @@ def _check_queue(jobs: list[dict], max_queued: int | None, but: str | None = Non
         return
     etas = [r["eta_s"] for r in jobs if r["state"] == "running" and isinstance(r.get("eta_s"), (int, float))]
     retry = min(3600.0, max(1.0, min(etas))) if etas else 60.0
-    raise QueueFullError(f"SPO_MAX_QUEUED_JOBS: {len(waiting)} training jobs wait already (at most "
-                         f"{max_queued}); retry after {retry:.0f} s", retry_after=retry)
+    raise QueueFullError(f"SPO_MAX_QUEUED_JOBS: {len(waiting)} jobs wait already (training and evaluation, at "
+                         f"most {max_queued}); retry after {retry:.0f} s", retry_after=retry)
 
 
 @contextlib.contextmanager
@@ -320,9 +337,10 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 self.on_change(self.counts())
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, kind: str | None = "train") -> dict[str, int]:
+        """Jobs by state: training jobs (what spo_train_jobs reports), those of another kind, or all (None)."""
         out = {s: 0 for s in STATES}
-        for r in self.store.list():
+        for r in self.store.list(kind):
             out[r["state"]] = out.get(r["state"], 0) + 1
         return out
 

@@ -34,7 +34,7 @@ LEAVES = {"errors", "fsutil", "faults", "metrics", "limits", "validation", "imag
 CORE = {"settings", "requests"}
 SUBPACKAGES = {"sampling": "core", "lora": "lora", "speed": "speed", "model": "model", "engine": "engine",
                "training": "training"}
-SERVICE_ROUTES = {"stream", "admin", "train", "openai_api", "a1111", "ui"}
+SERVICE_ROUTES = {"stream", "admin", "train", "eval", "openai_api", "a1111", "ui"}
 SERVICE_APP = {"app", "service"}
 FORBIDDEN_IN_CORE = ("bentoml", "starlette", "service")
 

@@ -100,7 +100,7 @@ def test_queued_jobs_are_capped_and_an_output_adapter_is_never_taken_twice(store
     running = store.create(["b"], {}, None, None, max_queued=2)
     store.update(running["job_id"], state="running", eta_s=42.4)
     store.create(["c"], {}, None, None, max_queued=2)
-    with pytest.raises(QueueFullError, match="SPO_MAX_QUEUED_JOBS: 2 training jobs wait already") as e:
+    with pytest.raises(QueueFullError, match="SPO_MAX_QUEUED_JOBS: 2 jobs wait already") as e:
         store.create(["d"], {}, None, None, max_queued=2)
     assert e.value.retry_after == 42.4  # the running job's ETA
     store.update(first["job_id"], state="interrupted")  # waiting too: it resumes at the next start
