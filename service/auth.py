@@ -1,7 +1,7 @@
 """Who may call what.
 
-- Admin and training routes (/admin/*, /train/*): `Authorization: Bearer <admin token>`. The token is
-  SPO_ADMIN_TOKEN, or else the one in SPO_DATA_DIR/admin_token, which the first start creates (random,
+- Admin, training and evaluation routes (/admin/*, /train/*, /eval/*): `Authorization: Bearer <admin token>`.
+  The token is SPO_ADMIN_TOKEN, or else the one in SPO_DATA_DIR/admin_token, which the first start creates (random,
   mode 0600, the token alone on one line: written to a temp file opened O_CREAT|O_EXCL|O_NOFOLLOW, fsynced,
   hard-linked to its name, which never replaces a file, then the directory fsynced) and later starts
   reuse (opened O_NOFOLLOW: a symbolic link there is refused). No client is trusted for being on
@@ -99,7 +99,7 @@ def denied(field: str, what: str) -> JSONResponse:
 
 
 def admin_unauthorized() -> JSONResponse:
-    """The 401 of an admin or training route."""
+    """The 401 of an admin, training or evaluation route."""
     return denied("authorization", "admin token (SPO_ADMIN_TOKEN or SPO_DATA_DIR/admin_token)")
 
 

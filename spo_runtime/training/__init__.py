@@ -10,6 +10,8 @@
   come from (SPO_SPM, SPO_SPM_TOKENIZER, the hub); `scorers`: the preference functions a trainer uses.
 - `jobs`: durable jobs on the server side (JobStore, Supervisor); `job_process`: the trainer process
   of a job (`python -m spo_runtime train-job`).
+- `evaluation`: adapter evaluation jobs (a job kind: generate, score, report, contact sheet);
+  `eval_stats`: their statistics (t interval, exact sign test, Wilson interval).
 - `distributed`: data-parallel ranks over torch.distributed.
 
 Nothing is re-exported here: each name is imported from the one module that defines it.

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from spo_runtime.training.jobs import JobStore
     from spo_runtime.training.scorers import PreferenceScorer
 
-__all__ = ["SCORERS", "EvalConfig", "EvalEntry", "build_report", "default_entry", "load_scorer", "run_eval"]
+__all__ = ["SCORERS", "EvalConfig", "EvalEntry", "build_report", "check_seeds", "contact_sheet", "default_entry", "load_scorer",
+           "run_eval"]
 
 SCORERS = ("spm", "brightness", "darkness")
 SHEET_CELL = 128  # a contact sheet's cells: each image shrunk to fit, never enlarged
