@@ -1,11 +1,11 @@
 """Who may call what.
 
 - Admin, training and evaluation routes (/admin/*, /train/*, /eval/*): `Authorization: Bearer <admin token>`.
-  The token is SPO_ADMIN_TOKEN, or else the one in SPO_DATA_DIR/admin_token, which the first start creates (random,
-  mode 0600, the token alone on one line: written to a temp file opened O_CREAT|O_EXCL|O_NOFOLLOW, fsynced,
-  hard-linked to its name, which never replaces a file, then the directory fsynced) and later starts
-  reuse (opened O_NOFOLLOW: a symbolic link there is refused). No client is trusted for being on
-  loopback: behind a proxy or a sidecar every client is.
+  The token is SPO_ADMIN_TOKEN, or else the one in SPO_DATA_DIR/admin_token, which the first start creates
+  (random, mode 0600, the token alone on one line: written to a temp file opened O_CREAT|O_EXCL|O_NOFOLLOW,
+  fsynced, hard-linked to its name, which never replaces a file, then the directory fsynced) and later starts
+  reuse (opened O_NOFOLLOW: a symbolic link there is refused). No client is trusted for being on loopback:
+  behind a proxy or a sidecar every client is.
 - A token shorter than 16 characters (SPO_ADMIN_TOKEN, SPO_API_TOKEN, the file's) is a ConfigError.
 - Generation routes: when SPO_API_TOKEN is set, `Authorization: Bearer <api token>` (the admin token is
   accepted too); the A1111 routes also take HTTP Basic with the token as the password. /livez, /readyz,
