@@ -320,7 +320,8 @@ def run(duration: float, load: float = 0.7, sample_s: float = 10.0, warmup: floa
         url, token = server.url, TOKEN
         log(f"server {url}; log {workdir / 'server.log'}")
     try:
-        pid = httpx.get(url + "/info", timeout=30).json()["pid"]
+        # the pid is for the admin token only (/info shows callers without it no pids)
+        pid = httpx.get(url + "/info", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["pid"]
         errs = asyncio.run(warm_up(url + "/generate", Workload(prompts, steps=STEPS))) if warm else []
         probe = asyncio.run(probe_capacity(url, prompts, probe_clients, probe_s, seed))
         log(f"capacity: {probe['img_per_s']:.2f} images/s ({probe_clients} clients, {probe_s:.0f} s); "
