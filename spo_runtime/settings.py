@@ -200,11 +200,17 @@ class Settings(BaseModel):
                                                   "2,3 or cuda:2,cuda:3; rank r trains on the r-th; a job asking for more "
                                                   "ranks than listed is refused with a 400 naming config.nproc; unset: "
                                                   "every visible GPU")
-    spm: str | None = Field(None, description="step-aware preference model weights (.safetensors or .bin), for "
-                                              "offline training: the default of TrainConfig.spm_path; unset: fetched "
-                                              "from the hub at the revision weights.py pins or SPO_SPM_REVISION names")
+    spm: str | None = Field(None, description="step-aware preference model weights (.safetensors or .bin), offline: "
+                                              "the default of TrainConfig.spm_path, and the SPM of best_of (SPO_SCORER=spm); "
+                                              "unset: fetched from the hub at the revision weights.py pins or "
+                                              "SPO_SPM_REVISION names (the tiny preset: a tiny random SPM)")
     spm_tokenizer: str | None = Field(None, description="local tokenizer directory of the SPM (CLIP-ViT-H-14), for "
-                                                        "offline training; unset: fetched from the hub")
+                                                        "offline training and best_of; unset: fetched from the hub")
+    scorer: Literal["spm", "brightness", "darkness", "none"] = Field(
+        "spm", description="the preference model that ranks best_of candidates (docs/api.md, Best of): spm (loaded at "
+                           "start-up from SPO_SPM, in float32: 1.3 G parameters, about 5.2 GB of device memory for the "
+                           "real one; when it cannot be loaded best_of > 1 is a 400 saying why), brightness or darkness "
+                           "(mean pixel: deterministic toys for tests and demos), none (best_of > 1 refused)")
 
     @field_validator("faults")
     @classmethod

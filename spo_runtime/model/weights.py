@@ -1,7 +1,7 @@
 """The real weights, pinned: each hub part (repository, files, revision) is declared here and only here.
 
 Everything that fetches weights reads these pins: the loader (`loading.py`, `presets.hub_file`), the trainer's
-step-aware preference model (`training/spm.py`, `training/spm_source.py`), `python -m spo_runtime download` and `make weights`,
+step-aware preference model (`preference/spm.py`, `preference/spm_source.py`), `python -m spo_runtime download` and `make weights`,
 the Kubernetes init container (it runs that command) and the container image (which carries this file).
 
 - A revision is a full commit id, so a warm cache starts without asking the hub anything, and a restart never

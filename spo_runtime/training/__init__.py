@@ -6,8 +6,8 @@
 - `policy`: the UNet + LoRA as a DDIM policy; `rollout`: sampling with branching into pairs;
   `loss`: pair selection and the DPO-style loss; `adapter`: the trainable LoRA; `checkpoint`: the
   trainer's files (checkpoints, exported adapter).
-- `spm`: the step-aware preference model; `spm_weights`: its checkpoint files; `spm_source`: where they
-  come from (SPO_SPM, SPO_SPM_TOKENIZER, the hub); `scorers`: the preference functions a trainer uses.
+- `scorers`: the scorer a job's config names (`default_scorer`); the preference model itself (the SPM, its
+  files, the `PreferenceScorer` interface) is `spo_runtime.preference`, which serving uses too.
 - `jobs`: durable jobs on the server side (JobStore, Supervisor); `job_process`: the trainer process
   of a job (`python -m spo_runtime train-job`).
 - `evaluation`: adapter evaluation jobs (a job kind: generate, score, report, contact sheet);

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.limits import MAX_SEED, SIZE_RANGE
-from spo_runtime.training.spm_source import default_spm_path
+from spo_runtime.preference.spm_source import default_spm_path
 from spo_runtime.validation import validation_error
 
 MAX_ROUNDS = 1_000_000  # max_rounds, checkpoint_every

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from spo_runtime.model.pipeline import SpoPipeline
     from spo_runtime.training.jobs import JobStore
-    from spo_runtime.training.scorers import PreferenceScorer
+    from spo_runtime.preference.scorers import PreferenceScorer
 
 __all__ = ["SCORERS", "EvalConfig", "EvalEntry", "build_report", "check_seeds", "contact_sheet", "default_entry", "load_scorer",
            "run_eval"]

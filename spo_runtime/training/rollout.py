@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from spo_runtime.errors import InvalidRequestError
+from spo_runtime.preference.scorers import PreferenceScorer
 from spo_runtime.sampling.sampler import Schedule
 from spo_runtime.training.config import TrainConfig
 from spo_runtime.training.loss import select_pair
 from spo_runtime.training.policy import DdimPolicy
-from spo_runtime.training.scorers import PreferenceScorer
 
 __all__ = ["BranchingRollout", "Pair", "Transition", "first_branch", "stream_seed"]
 

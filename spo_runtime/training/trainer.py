@@ -36,6 +36,7 @@ from spo_runtime.errors import InvalidRequestError, SpoError
 from spo_runtime.faults import NONE as NO_FAULTS, Faults
 from spo_runtime.lora.format import LoraModuleWeights
 from spo_runtime.model.pipeline import SpoPipeline
+from spo_runtime.preference.scorers import PreferenceScorer
 from spo_runtime.training.adapter import REF, TRAIN, load_trainable, trained_modules
 from spo_runtime.training.checkpoint import export_adapter, restore_checkpoint, trim_metrics, write_checkpoint
 from spo_runtime.training.config import TrainConfig
@@ -43,7 +44,7 @@ from spo_runtime.training.distributed import LOCAL, Group
 from spo_runtime.training.loss import spo_loss
 from spo_runtime.training.policy import DdimPolicy
 from spo_runtime.training.rollout import BranchingRollout, Pair, Transition, first_branch, stream_seed
-from spo_runtime.training.scorers import PreferenceScorer, default_scorer
+from spo_runtime.training.scorers import default_scorer
 
 __all__ = ["JobCancelled", "SPOTrainer"]
 

@@ -23,17 +23,20 @@ ALLOWED = {
     "state": {"leaf", "core", "state"},
     "model": {"leaf", "core", "lora", "speed", "model"},
     "engine": {"leaf", "core", "engine"},  # drives a StepModel protocol, never spo_runtime.model
-    "training": {"leaf", "core", "lora", "speed", "model", "training"},
-    "api": {"leaf", "core", "lora", "speed", "state", "model", "engine", "training", "api"},
-    "service.base": {"leaf", "core", "lora", "speed", "state", "model", "engine", "training", "api", "service.base"},
-    "service.routes": {"leaf", "core", "lora", "speed", "state", "model", "engine", "training", "api", "service.base"},
-    "service.app": {"leaf", "core", "lora", "speed", "state", "model", "engine", "training", "api", "service.base",
-                    "service.routes", "service.app"},
+    "preference": {"leaf", "core", "model", "preference"},  # the SPM and scorers; the engine gets one injected
+    "training": {"leaf", "core", "lora", "speed", "model", "preference", "training"},
+    "api": {"leaf", "core", "lora", "speed", "state", "model", "engine", "preference", "training", "api"},
+    "service.base": {"leaf", "core", "lora", "speed", "state", "model", "engine", "preference", "training", "api",
+                     "service.base"},
+    "service.routes": {"leaf", "core", "lora", "speed", "state", "model", "engine", "preference", "training", "api",
+                       "service.base"},
+    "service.app": {"leaf", "core", "lora", "speed", "state", "model", "engine", "preference", "training", "api",
+                    "service.base", "service.routes", "service.app"},
 }
 LEAVES = {"errors", "fsutil", "faults", "metrics", "limits", "validation", "imaging", "version"}
 CORE = {"settings", "requests"}
 SUBPACKAGES = {"sampling": "core", "lora": "lora", "speed": "speed", "model": "model", "engine": "engine",
-               "training": "training"}
+               "preference": "preference", "training": "training"}
 SERVICE_ROUTES = {"stream", "admin", "train", "eval", "openai_api", "a1111", "ui"}
 SERVICE_APP = {"app", "service"}
 FORBIDDEN_IN_CORE = ("bentoml", "starlette", "service")
@@ -234,6 +237,8 @@ GOOD = {
     "service/app.py": "from service import a1111, stream\n",
 }
 
+PREFERENCE = {"spo_runtime/preference/__init__.py": "", "spo_runtime/preference/scorers.py": "X = 1\n"}
+
 
 @pytest.mark.parametrize("change, expected", [
     ({}, None),
@@ -247,6 +252,10 @@ GOOD = {
     ({"spo_runtime/engine/engine.py": "x = 1\n" * 501}, "501 lines"),
     ({"spo_runtime/model/pipeline.py": "class Big:\n" + "    x = 1\n" * 300}, "class Big has 301 lines"),
     ({"spo_runtime/model/pipeline.py": "from spo_runtime import Engine\n"}, "imports the package spo_runtime"),
+    ({**PREFERENCE, "spo_runtime/model/pipeline.py": "from spo_runtime.preference.scorers import X\n"},
+     "(model) imports spo_runtime.preference.scorers (preference)"),
+    ({**PREFERENCE, "spo_runtime/engine/engine.py": "from spo_runtime.preference import scorers\n"},
+     "(engine) imports spo_runtime.preference.scorers (preference)"),
 ])
 def test_the_checker_catches_each_broken_rule(tmp_path, change, expected):
     _write(tmp_path, {**GOOD, **change})

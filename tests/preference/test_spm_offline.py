@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from spo_runtime.errors import CheckpointFormatError
-from spo_runtime.training.spm import StepAwarePreferenceModel, build_spm, spm_config
-from spo_runtime.training.spm_source import load_spm_tokenizer, spm_weights_file
-from spo_runtime.training.spm_weights import load_spm_weights, save_spm_weights
+from spo_runtime.preference.spm import StepAwarePreferenceModel, build_spm, spm_config
+from spo_runtime.preference.spm_source import load_spm_tokenizer, spm_weights_file
+from spo_runtime.preference.spm_weights import load_spm_weights, save_spm_weights
 from spo_runtime.training.config import TrainConfig
 
 

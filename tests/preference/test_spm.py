@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
 from spo_runtime.errors import CheckpointFormatError
-from spo_runtime.training.scorers import BrightnessScorer, PreferenceScorer, SpmScorer
-from spo_runtime.training.spm import StepAwarePreferenceModel, build_spm, spm_config, timestep_embedding
-from spo_runtime.training.spm_weights import load_spm_weights, save_spm_weights
+from spo_runtime.preference.scorers import BrightnessScorer, PreferenceScorer, SpmScorer
+from spo_runtime.preference.spm import StepAwarePreferenceModel, build_spm, spm_config, timestep_embedding
+from spo_runtime.preference.spm_weights import load_spm_weights, save_spm_weights
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

@@ -1,6 +1,6 @@
 """Step-aware preference model (SPM) of SPO (arXiv 2406.04314), SDXL variant: the architecture, its
 configurations (`spm_config`) and random construction (`build_spm`). Reading and writing its checkpoints is
-`spm_weights`; the scorers that use it are `scorers`.
+`spm_weights`; the scorers that use it are `scorers` (all in `spo_runtime.preference`).
 
 The SPM is PickScore v1 (a transformers ``CLIPModel``, CLIP ViT-H/14) whose vision tower is conditioned
 on the diffusion timestep:

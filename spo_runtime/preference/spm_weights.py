@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from spo_runtime.errors import CheckpointFormatError
-from spo_runtime.training.spm import StepAwarePreferenceModel
+from spo_runtime.preference.spm import StepAwarePreferenceModel
 
 __all__ = ["CHECKPOINT_PREFIX", "load_spm_weights", "save_spm_weights"]
 
