@@ -284,7 +284,10 @@ async def run(svc: Service, request: Request, fields: list[dict], n: int, seed: 
     t0, status, results = time.perf_counter(), 200, None
     try:
         parsed = [svc.pipe.parse(f) for f in fields]
-        requests = [parsed[i % len(parsed)].model_copy(update={"seed": first + i}) for i in range(n)]
+        k = max(p.best_of for p in parsed)  # best_of (OpenAI's extra_body): image i's candidates from seed + i*k
+        if k > 1:
+            first = first_seed(seed, n * k)
+        requests = [parsed[i % len(parsed)].model_copy(update={"seed": first + i * k}) for i in range(n)]
         results = await svc.engine.generate(requests, is_disconnected=request.is_disconnected)
         return results
     except Exception as e:

@@ -3,7 +3,8 @@
     POST /v1/images/generations   JSON: prompt, model (any string), n 1..8, size "WxH" | "auto",
                                   response_format b64_json | url, output_format png | jpeg | webp,
                                   output_compression, quality/style/user/moderation (ignored); ours, for
-                                  the SDK's extra_body: seed, num_inference_steps
+                                  the SDK's extra_body: seed, num_inference_steps, best_of, search,
+                                  search_steps (docs/api.md, Best of)
     POST /v1/images/edits         multipart (as the SDK sends it): image (one), prompt, n, size, ... ->
                                   img2img at `strength` (ours, default 0.75); a mask is refused
     GET  /v1/images/files/{id}    a `url` result, for SPO_IMAGE_TTL_S (then 404), under SPO_IMAGE_CACHE_MB; the
@@ -37,7 +38,7 @@ from service.errors import foreign_shape
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.fsutil import atomic_write
 from spo_runtime.imaging import FORMATS
-from spo_runtime.limits import DEFAULT_STRENGTH, MAX_IMAGES, MAX_SEED
+from spo_runtime.limits import BEST_OF_RANGE, DEFAULT_STRENGTH, MAX_IMAGES, MAX_SEED, SEARCH_STEPS_RANGE
 
 FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_FILES, MAX_FIELDS = 4, 64  # parts of an edits body: the image (and a mask, refused by name); the form fields
@@ -88,7 +89,7 @@ _NEUTRAL = {"background": (None, "auto", "opaque"), "stream": (None, False), "pa
             "complexity": (None,), "frame_count": (None, 1), "frame_duration_ms": (None,), "svg": (None,),
             "markup": (None,)}
 _OWN = {"prompt", "n", "size", "response_format", "output_format", "output_compression", "seed", "image", "image[]",
-        "mask", "strength", "num_inference_steps"}
+        "mask", "strength", "num_inference_steps", "best_of", "search", "search_steps"}
 
 
 def _int(name: str, v, lo: int, hi: int, form: bool) -> int:
@@ -137,6 +138,11 @@ def parse(body: dict, svc, form: bool = False) -> dict:
     seed = None if body.get("seed") in (None, "") else _int("seed", body["seed"], 0, MAX_SEED, form)
     if body.get("num_inference_steps") not in (None, ""):  # ours, like seed and strength (the SDK's extra_body)
         request["num_inference_steps"] = _int("num_inference_steps", body["num_inference_steps"], 1, 100, form)
+    for name, (lo_, hi_) in (("best_of", BEST_OF_RANGE), ("search_steps", SEARCH_STEPS_RANGE)):  # ours too
+        if body.get(name) not in (None, ""):
+            request[name] = _int(name, body[name], lo_, hi_, form)
+    if body.get("search") not in (None, ""):
+        request["search"] = body["search"]  # the request model checks it (and best_of > 1)
     return {"request": request, "n": n, "seed": seed, "response_format": fmt, "format": out,
             "quality": max(1, quality)}
 
@@ -225,6 +231,8 @@ async def _answer(svc, request: Request, opts: dict, fields: dict) -> Response:
             data.append({"url": f"{public_base(svc)}/v1/images/files/{file_id}", "revised_prompt": None})
         else:
             data.append({"b64_json": base64.b64encode(blob).decode(), "revised_prompt": None})
+        if r.selection is not None:  # best_of > 1: the chosen candidate's score
+            data[-1]["preference_score"] = r.selection.score
     size = f"{results[0].image.width}x{results[0].image.height}"
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": opts["format"], "size": size,
                          "background": "opaque"},

@@ -80,7 +80,13 @@ def result_fields(rid: str, r) -> dict:
         "adapter_sha256": (r.adapter_sha256 or "")[:16], "prompt_truncated": bool(r.prompt_truncated),
         "queue_ms": round(t.get("queue_ms", 0.0), 1),
         "inference_ms": round(t.get("encode_ms", 0.0) + t.get("denoise_ms", 0.0) + t.get("decode_ms", 0.0), 1),
+        **(_selection_fields(r.selection) if getattr(r, "selection", None) is not None else {}),
     }
+
+
+def _selection_fields(sel) -> dict:
+    """best_of > 1: how many candidates ran, the chosen one's score, and the search (headers and the stream)."""
+    return {"best_of": sel.best_of, "preference_score": sel.score, **({"search": sel.search} if sel.search else {})}
 
 
 def result_headers(rid: str, r) -> dict[str, str]:
@@ -94,12 +100,17 @@ def result_headers(rid: str, r) -> dict[str, str]:
         "X-Prompt-Truncated": "true" if f["prompt_truncated"] else "false",
         "X-Queue-Ms": f"{f['queue_ms']:.1f}",
         "X-Inference-Ms": f"{f['inference_ms']:.1f}",
+        **({"X-Best-Of": str(f["best_of"]), "X-Preference-Score": repr(float(f["preference_score"]))}
+           if "best_of" in f else {}),
+        **({"X-Search": f["search"]} if "search" in f else {}),
     }
 
 
 def _seed_room(body):
-    if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:
-        raise ValueError(f"seed: with n={body.n} must be in 0..{MAX_SEED - body.n + 1} (seeds seed..seed+n-1), "
+    k = body.best_of  # image i's candidates use seeds seed + i*k .. seed + i*k + k - 1
+    if body.seed is not None and body.seed + body.n * k - 1 > MAX_SEED:
+        raise ValueError(f"seed: with n={body.n}{f' and best_of={k}' if k > 1 else ''} must be in "
+                         f"0..{MAX_SEED - body.n * k + 1} (seeds seed..seed+n{'*best_of' if k > 1 else ''}-1), "
                          f"got {body.seed}")
     return body
 
@@ -298,10 +309,30 @@ class ErrorBody(BaseModel):
     detail: list[ErrorDetail]
 
 
+class BranchInfo(BaseModel):
+    step: int = Field(description="Steps done when the candidates were scored.")
+    timestep: float = Field(description="The timestep their clean-image estimates were scored at.")
+    scores: list[float] = Field(description="Every candidate's score, candidate order.")
+    chosen: int = Field(description="The candidate that seeded the next segment.")
+
+
+class PreferenceInfo(BaseModel):
+    """How best_of chose the image (present only with best_of > 1)."""
+
+    best_of: int
+    index: int = Field(description="The chosen candidate (0-based).")
+    score: float = Field(description="Its preference score (X-Preference-Score).")
+    scores: list[float] = Field(description="Every candidate's score of its finished image, candidate order.")
+    seeds: list[int] = Field(description="Every candidate's seed (image i's: seed + i*best_of + candidate).")
+    search: Literal["step"] | None
+    branches: list[BranchInfo] = Field(description="search \"step\": its branch points, in order.")
+
+
 class BatchImage(BaseModel):
     seed: int
     format: Format
     image: str = Field(description="base64 of the encoded image")
+    preference: PreferenceInfo | None = Field(None, description="best_of > 1 only: every candidate's score.")
 
 
 class BatchResponse(BaseModel):
@@ -332,7 +363,7 @@ def declare_responses(doc: dict, routes: dict[str, tuple[list[str], type[BaseMod
     the error body of every status it can answer. BentoML builds the document anew on every GET
     /docs.json and declares only its own three error schemas, so the door middleware applies this."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ErrorDetail, ErrorBody, BatchImage, BatchResponse):
+    for model in (ErrorDetail, ErrorBody, BranchInfo, PreferenceInfo, BatchImage, BatchResponse):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(js.pop("$defs", {}))
         schemas[model.__name__] = js

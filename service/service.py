@@ -102,7 +102,9 @@ class SPOService:
             s = self.settings
             self.pipe = load_pipeline(workers.bind(s))  # this worker's device: one engine per GPU
             self.admin_store = AdminStore(s.data_dir, s.adapters_path)
-            self.engine = Engine(self.pipe, EngineConfig.from_settings(s), faults=s.fault_plan)
+            scorer, why_not = _scorer(s, self.pipe)  # best_of's preference model (SPO_SCORER)
+            self.engine = Engine(self.pipe, EngineConfig.from_settings(s), faults=s.fault_plan, scorer=scorer,
+                                 scorer_unavailable=why_not)
             metrics = self.engine.metrics
             self.sync = AdminSync(self.pipe, self.admin_store, on_change=lambda: metrics.lora_scale.set(self.pipe.default_lora_scale))
             self.sync.running_scales = self.engine.running_scales
@@ -196,9 +198,10 @@ class SPOService:
                 if parsed is None:
                     parsed = model.model_validate(body)
                 request = core_request(parsed)
-                if model is self.bodies.batch:  # seeds seed..seed+n-1
-                    first = context.first_seed(parsed.seed, parsed.n)
-                    requests = [request.model_copy(update={"seed": first + i}) for i in range(parsed.n)]
+                if model is self.bodies.batch:  # seeds seed..seed+n-1 (best_of k: image i's candidates from seed + i*k)
+                    k = parsed.best_of
+                    first = context.first_seed(parsed.seed, parsed.n * k)
+                    requests = [request.model_copy(update={"seed": first + i * k}) for i in range(parsed.n)]
                 else:
                     requests = [request]
                 results = await self.engine.generate(requests, timeout_s=parsed.timeout_s,
@@ -233,7 +236,8 @@ class SPOService:
             fmt, r0 = parsed.format, results[0]
             encoded = await anyio.to_thread.run_sync(lambda: [encode_image(r, fmt, parsed.quality) for r in results])
             payload = {
-                "images": [{"seed": r.seed, "format": fmt, "image": base64.b64encode(data).decode()}
+                "images": [{"seed": r.seed, "format": fmt, "image": base64.b64encode(data).decode(),
+                            **({"preference": r.selection.as_dict()} if r.selection is not None else {})}
                            for r, data in zip(results, encoded)],
                 "seeds": [r.seed for r in results],
                 "lora_scale": r0.lora_scale, "adapter": r0.adapter, "adapter_sha256": (r0.adapter_sha256 or "")[:16],
@@ -243,6 +247,27 @@ class SPOService:
             return JSONResponse(payload, headers=result_headers(rid, r0))
 
         return await self._generate(ctx, "/generate_batch", self.bodies.batch, body, respond)
+
+
+def _scorer(settings: Settings, pipe):
+    """(SPO_SCORER's preference scorer, why best_of > 1 is refused without one). A scorer that does not load
+    (no SPO_SPM offline, a bad file) leaves the server up with best_of off: logged, and said in best_of's 400
+    without the error's text (it may name paths)."""
+    if settings.scorer == "none":
+        return None, "no preference model is loaded (SPO_SCORER=none)"
+    from spo_runtime.preference.scorers import scorer_from_settings
+
+    t0 = time.perf_counter()
+    try:
+        scorer = scorer_from_settings(settings, pipe)
+    except Exception as e:
+        log.warning("best_of is off: the preference model (SPO_SCORER=%s) did not load: %s: %s", settings.scorer,
+                    type(e).__name__, e)
+        return None, (f"its preference model (SPO_SCORER={settings.scorer}) did not load; the server log says why "
+                      "(set SPO_SPM to a local file of the step-aware preference model)")
+    log.info("best_of: preference scorer %s on %s in %.1fs", getattr(scorer, "name", type(scorer).__name__),
+             pipe.device, time.perf_counter() - t0)
+    return scorer, ""
 
 
 def _generation_guard(headers) -> Response | None:

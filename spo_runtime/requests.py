@@ -18,6 +18,8 @@ from spo_runtime.limits import (ADAPTER_NAME, ADAPTER_NAME_RULE, DEFAULT_STRENGT
                                 MAX_IMAGE_PIXELS, MAX_PROMPT_CHARS, MAX_SEED, SIZE_RANGE, STEPS_RANGE)
 from spo_runtime.sampling.sampler import SCHEDULERS, SamplerRow
 from spo_runtime.validation import allowed, invalid, validation_error
+from spo_runtime.limits import BEST_OF_RANGE, DEFAULT_SEARCH_STEPS, SEARCH_STEPS_RANGE
+from spo_runtime.sampling.sampler import img2img_start
 
 # Prompt text: anything but control characters (tab, newline and carriage return are allowed). NUL would
 # end the PNG `parameters` chunk's keyword; the others have no meaning in a prompt. Refused, not escaped.
@@ -80,6 +82,23 @@ class GenerationRequest(BaseModel):
         description=f"img2img: how much of the schedule runs, (0, 1]; null: {DEFAULT_STRENGTH}. The last "
                     "int(num_inference_steps * strength) steps run, so that product must be >= 1. Only with init_image "
                     "(a 400 naming `strength` otherwise).")
+    best_of: int = Field(
+        1, ge=BEST_OF_RANGE[0], le=BEST_OF_RANGE[1],
+        description=f"Candidates per image, {BEST_OF_RANGE[0]}..{BEST_OF_RANGE[1]}: they run in the same batch, candidate i "
+                    "with seed + i (so each is reproducible alone), and the one the server's preference model scores "
+                    "highest for the prompt is answered (X-Preference-Score, X-Best-Of). Counts as best_of images "
+                    "against the queue and cost limits. seed + best_of - 1 must stay <= "
+                    f"{MAX_SEED}.")
+    search: Literal["step"] | None = Field(
+        None, description="\"step\": the SPO paper's step-aware selection, with best_of > 1 (a 400 naming `search` "
+                          "otherwise): at search_steps branch points the preference model scores every candidate's "
+                          "estimate of the clean image at its timestep, and the best one seeds the next segment of "
+                          "all of them; null: plain best_of (only the finished images are scored).")
+    search_steps: int | None = Field(
+        None, ge=SEARCH_STEPS_RANGE[0], le=SEARCH_STEPS_RANGE[1],
+        description=f"Branch points of search \"step\", {SEARCH_STEPS_RANGE[0]}..{SEARCH_STEPS_RANGE[1]}, evenly spread, "
+                    "fewer than the denoising steps the image runs; only with search; null: "
+                    f"{DEFAULT_SEARCH_STEPS} (fewer when the image runs fewer than {DEFAULT_SEARCH_STEPS + 1} steps).")
 
     @field_validator("eta")
     @classmethod
@@ -106,6 +125,40 @@ class GenerationRequest(BaseModel):
         steps = info.data.get("num_inference_steps", 20)
         if int(steps * (v if v is not None else DEFAULT_STRENGTH)) < 1 and info.data.get("init_image") is not None:
             raise ValueError(f"with num_inference_steps={steps} must be >= {1 / steps:.4g} (at least one step runs)")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int, info: ValidationInfo) -> int:
+        seed = info.data.get("seed")
+        if seed is not None and seed + v - 1 > MAX_SEED:
+            raise ValueError(f"with seed={seed} must be in {BEST_OF_RANGE[0]}..{MAX_SEED - seed + 1} (candidate i uses "
+                             f"seed + i, at most {MAX_SEED}), got {v}")
+        return v
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None or "best_of" not in info.data:  # a bad best_of is the error to report
+            return v
+        if info.data["best_of"] < 2:
+            raise ValueError(f"only with best_of > 1 (candidates to choose between), got best_of={info.data['best_of']}")
+        steps = _steps_run(info.data)
+        if steps is not None and steps < 2:
+            raise ValueError(f"needs at least 2 denoising steps to branch between, the image runs {steps}")
+        return v
+
+    @field_validator("search_steps")
+    @classmethod
+    def _search_steps(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is None or "search" not in info.data:
+            return v
+        if info.data["search"] != "step":
+            raise ValueError("only with search \"step\"")
+        steps = _steps_run(info.data)
+        if steps is not None and v > steps - 1:
+            raise ValueError(f"with {steps} denoising steps must be in {SEARCH_STEPS_RANGE[0]}..{steps - 1} (branch "
+                             f"points lie between steps), got {v}")
         return v
 
     @property
@@ -157,6 +210,53 @@ class GenerationRequest(BaseModel):
             raise invalid(problems)
 
 
+def _steps_run(data: dict) -> int | None:
+    """The denoising steps a request being validated runs (img2img: the last int(steps x strength)); None when
+    one of the fields it depends on was invalid."""
+    if "num_inference_steps" not in data or "strength" not in data:
+        return None
+    steps = data["num_inference_steps"]
+    if data.get("init_image") is None:
+        return steps
+    strength = data["strength"] if data["strength"] is not None else DEFAULT_STRENGTH
+    return steps - img2img_start(steps, strength)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch point of search "step": after `step` steps every candidate's clean-image estimate was scored at
+    `timestep` (`scores`, candidate order) and candidate `chosen` seeded the next segment."""
+
+    step: int
+    timestep: float
+    scores: tuple[float, ...]
+    chosen: int
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How best_of chose an image: every candidate's seed and final score (t = 0, candidate order), the one chosen,
+    and the branch points of search "step"."""
+
+    best_of: int
+    index: int
+    scores: tuple[float, ...]
+    seeds: tuple[int, ...]
+    search: str | None = None
+    branches: tuple[Branch, ...] = ()
+
+    @property
+    def score(self) -> float:
+        """The chosen candidate's score."""
+        return self.scores[self.index]
+
+    def as_dict(self) -> dict:
+        return {"best_of": self.best_of, "index": self.index, "score": self.score, "scores": list(self.scores),
+                "seeds": list(self.seeds), "search": self.search,
+                "branches": [{"step": b.step, "timestep": b.timestep, "scores": list(b.scores), "chosen": b.chosen}
+                             for b in self.branches]}
+
+
 @dataclass
 class GeneratedImage:
     """One finished request: the image and what produced it."""
@@ -168,7 +268,10 @@ class GeneratedImage:
     adapter_sha256: str | None
     prompt_truncated: bool
     request: GenerationRequest
-    timings: dict[str, float] = field(default_factory=dict)  # queue_ms, encode_ms, denoise_ms, decode_ms
+    timings: dict[str, float] = field(default_factory=dict)  # queue_ms, encode_ms, denoise_ms, decode_ms[, score_ms]
+    score: float | None = None  # this candidate's preference score (best_of > 1)
+    branches: tuple[Branch, ...] = ()  # search "step": the branch points its group went through
+    selection: Selection | None = None  # the answered image of best_of > 1: how it was chosen
 
     def parameters_text(self) -> str:
         """A1111-style `parameters` text (the PNG text chunk)."""
@@ -183,6 +286,8 @@ class GeneratedImage:
             + (f", Lora hash: {self.adapter_sha256[:16]}" if self.adapter_sha256 else "")
             + (f", Eta: {r.eta}" if r.eta else "")
             + (f", Denoising strength: {r.img2img_strength}" if r.init_image is not None else "")
+            + (f", Best of: {self.selection.best_of}" + (f", Search: {self.selection.search}" if self.selection.search else "")
+               + f", Preference score: {self.selection.score:.4f}" if self.selection is not None else "")
         )
         return "\n".join(lines)
 
@@ -219,6 +324,8 @@ class ActiveRequest:
     t_start: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     tag: Any = None  # the engine's handle (future, deadline, ...)
+    x0: torch.Tensor | None = None  # (1, C, h, w): the last step's estimate of the clean latent (search "step" scores it)
+    branches: list[Branch] | None = None  # search "step": the branch points of its group, one list shared by the group
 
     @property
     def cfg(self) -> bool:

@@ -26,11 +26,12 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import torch
 
+from spo_runtime.engine import selection
 from spo_runtime.engine.config import EngineConfig
 from spo_runtime.engine.plan import Progress, RunningImage, StepPlan, StepResult, Submission
 from spo_runtime.engine.runner import Runner
 from spo_runtime.engine.scheduler import Answer, Note, Scheduler
-from spo_runtime.engine.step_model import LoadedAdapter, StepModel
+from spo_runtime.engine.step_model import LoadedAdapter, Scorer, StepModel
 from spo_runtime.errors import EngineUnavailableError, InvalidRequestError, RequestCancelledError
 from spo_runtime.faults import NONE, Faults, InjectedFault
 from spo_runtime.metrics import Metrics, default_metrics
@@ -50,6 +51,8 @@ class Engine:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
         faults: Faults = NONE,
+        scorer: Scorer | None = None,
+        scorer_unavailable: str = "no preference scorer was given to the engine",
     ):
         self.pipe = pipe
         self.config = config
@@ -70,6 +73,9 @@ class Engine:
         self._metric_adapters: set[str] = set()
         self.metrics.lora_scale.set(pipe.default_lora_scale)
         self._adapter_metrics()
+        # best_of's preference scorer (the service builds it: SPO_SCORER); None: best_of > 1 is refused, saying why
+        self.runner.selector.scorer = scorer
+        self.scorer_unavailable = scorer_unavailable
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -100,6 +106,8 @@ class Engine:
         if not requests:
             raise InvalidRequestError("requests", "must hold at least one request")
         parsed = [self.pipe.parse(r) for r in requests]
+        self._check_best_of(parsed)
+        parsed, groups, places = selection.expand(parsed)  # best_of: each image's candidates
         d = self.pipe.preset.default_size
         sizes = {(r.height or d, r.width or d) for r in parsed}
         if len(sizes) != 1:
@@ -110,6 +118,7 @@ class Engine:
         now = self._clock()
         sub = Submission(uuid.uuid4().hex[:16], parsed, sizes.pop(), now + timeout, concurrent.futures.Future(),
                          t_submit=now, results=[None] * len(parsed), progress=progress, preview=preview)
+        sub.groups, sub.places = groups, places
         with self._cv:
             if self._stop:
                 raise EngineUnavailableError("the engine is stopped")
@@ -118,6 +127,16 @@ class Engine:
             self.scheduler.add(sub)  # QueueFullError past SPO_MAX_QUEUE or SPO_MAX_QUEUE_COST
             self._cv.notify_all()
         return sub
+
+    def _check_best_of(self, parsed: list[GenerationRequest]) -> None:
+        for r in parsed:
+            if r.best_of == 1:
+                continue
+            if self.runner.selector.scorer is None:
+                raise InvalidRequestError("best_of", f"must be 1 on this server: {self.scorer_unavailable}")
+            if r.search == "step" and r.best_of > self.config.max_batch:
+                raise InvalidRequestError("best_of", f"with search \"step\" must be at most SPO_MAX_BATCH="
+                                                     f"{self.config.max_batch} (the candidates step together), got {r.best_of}")
 
     async def generate(
         self,

@@ -31,6 +31,10 @@ class Submission:
     future: concurrent.futures.Future
     t_submit: float = field(default_factory=time.perf_counter)
     results: list[GeneratedImage | None] = field(default_factory=list)
+    # best_of (engine/selection.py): `requests` are the candidates; groups[j]: answer image j's candidate indices,
+    # places[i]: candidate i's (image, candidate) place; both empty without best_of > 1
+    groups: tuple[tuple[int, ...], ...] = ()
+    places: tuple[tuple[int, int], ...] = ()
     cancelled: bool = False
     answered: bool = False  # the engine has decided the answer (set under the lock; the future follows)
     seq: int = field(default_factory=lambda: next(_submission_seq))  # FIFO order, ties included

@@ -3,7 +3,8 @@
 It prepares the images the plan admits in one call (one batched text encoding; on failure submission by
 submission, so only the offending one is rejected), runs one UNet step over the group's rows (on out of
 memory, again in halves, recursively, before failing any row), and decodes the rows that finished on this
-step together. What happened is returned as a `StepResult`; `Scheduler.update` applies it.
+step together. best_of's scoring runs here too, after the UNet call (`selection.Selector`): the step-search
+groups at a branch point, then the finished candidates. What happened is returned as a `StepResult`; `Scheduler.update` applies it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from spo_runtime.engine.plan import Slot, StepPlan, StepResult, Submission
+from spo_runtime.engine.selection import Selector
 from spo_runtime.engine.step_model import StepModel
 from spo_runtime.errors import EngineUnavailableError, SpoError, is_oom
 from spo_runtime.faults import Faults
@@ -32,6 +34,7 @@ class Runner:
         self.faults = faults
         self._clock = clock
         self._retry_after = retry_after
+        self.selector = Selector(pipe, None)  # best_of's scoring and step search; the engine sets its scorer
 
     def run(self, plan: StepPlan) -> StepResult:
         """Prepare the admitted images (one batched text encoding), one UNet step over the group, decode
@@ -47,8 +50,10 @@ class Runner:
         failed = tuple(self._denoise(list(rows)))
         dt = time.perf_counter() - t0
         gone = {id(s) for s, _ in failed}
+        failed += tuple(self.selector.branch(s for s in rows if id(s) not in gone))  # search "step"'s branch points
+        gone = {id(s) for s, _ in failed}
         done = [s for s in rows if id(s) not in gone and s.row.done]
-        return StepResult(admitted, rejected, failed, self._decode(done), dt, len(rows))
+        return StepResult(admitted, rejected, failed, self.selector.finish(self._decode(done)), dt, len(rows))
 
     def _prepare(self, admit: tuple[Slot, ...]) -> tuple[tuple[ActiveRequest, ...], tuple[tuple[Submission, BaseException], ...]]:
         """Prepare every admitted image in one call (one batched text encoding). If that fails (e.g. an

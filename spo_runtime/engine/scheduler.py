@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import itertools
 import math
 import threading
 from typing import Any, Callable
 
 import torch
 
-from spo_runtime.engine import cost
+from spo_runtime.engine import cost, selection
 from spo_runtime.engine.config import EngineConfig
 from spo_runtime.engine.plan import Progress, RunningImage, Size, Slot, StepPlan, StepResult, Submission
 from spo_runtime.errors import (AdapterNotFoundError, DeadlineExceededError, InvalidRequestError, NonFiniteError,
@@ -139,7 +138,7 @@ class Scheduler:
             admit: tuple[Slot, ...] = ()
             if self.config.batching == "step" or not running:
                 room = self.config.max_batch - len(running)
-                admit = tuple(itertools.islice((slot for slot in waiting if slot[0].size == size), max(0, room)))
+                admit = _admit([slot for slot in waiting if slot[0].size == size], room)
             self._admitting = len(admit)
             return StepPlan(size, admit, running, tuple(drop.items()))
 
@@ -190,7 +189,7 @@ class Scheduler:
                 sub.results[i] = r
                 if all(x is not None for x in sub.results) and not (sub.answered or sub.future.done()):
                     sub.answered = True
-                    answers.append((sub.future, list(sub.results), None))
+                    answers.append((sub.future, selection.answer(sub), None))  # best_of: each image's best candidate
 
             if plan.size is not None:
                 leave = {id(s) for s, _ in result.failed} | {id(s) for s, _ in result.finished}
@@ -282,6 +281,20 @@ class Scheduler:
             }
 
 
+def _admit(slots: list[Slot], room: int) -> tuple[Slot, ...]:
+    """Waiting slots of one size that join, FIFO, up to `room`; a step-search group only whole (its candidates
+    branch on the same step), and the slots behind a group that does not fit wait with it."""
+    out: list[Slot] = []
+    i = 0
+    while i < len(slots) and len(out) < room:
+        span = selection.admission_span(*slots[i])
+        if len(out) + span > room:
+            break
+        out += slots[i : i + span]
+        i += span
+    return tuple(out)
+
+
 def _reason(err: BaseException) -> str:
     """The `reason` label of spo_rejected_total for a failed request."""
     if isinstance(err, (InvalidRequestError, AdapterNotFoundError)):
@@ -321,8 +334,9 @@ def _progress(plan: StepPlan, result: StepResult, dropped: set[Submission], step
     failed = {id(s) for s, _ in result.failed}
     notes = []
     for s in plan.running + result.admitted:
-        sub, index = s.tag
-        if sub.progress is None or id(s) in failed or sub in dropped:
+        sub, slot = s.tag
+        index = selection.progress_index(sub, slot)  # best_of: one candidate speaks for its image
+        if sub.progress is None or id(s) in failed or sub in dropped or index is None:
             continue
         n = s.row.schedule.num_steps - s.row.start
         i = s.row.step - s.row.start

@@ -35,6 +35,14 @@ class AdapterRegistry(Protocol):
     def in_use(self, name: str, running: list[dict[str, float]]) -> None: ...  # raises AdapterInUseError
 
 
+class Scorer(Protocol):
+    """A preference scorer as the engine calls it (`spo_runtime.preference.scorers.PreferenceScorer`, which the
+    service builds and hands over: the engine never imports it): [-1, 1] images (B, 3, H, W), B prompts and
+    timesteps (B,) -> float32 scores (B,); optional `image_size`, the side it looks at (None: any)."""
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor: ...
+
+
 class StepModel(Protocol):
     """What the engine drives: `SpoPipeline` in the server, a fake in the scheduler's tests."""
 
@@ -47,6 +55,8 @@ class StepModel(Protocol):
     def prepare(self, requests: list[GenerationRequest | dict]) -> list[ActiveRequest]: ...
     def denoise(self, states: list[ActiveRequest]) -> Any: ...  # one step of every row, in place
     def decode(self, states: list[ActiveRequest]) -> list[GeneratedImage | BaseException]: ...
+    # best_of: latents (UNet scale) -> float32 images in [-1, 1] on the device, decoded smaller down to `min_side`
+    def images(self, latents: torch.Tensor, min_side: int | None = None) -> torch.Tensor: ...
     def set_default_lora_scale(self, scale: float) -> dict: ...
     def set_default_adapter(self, name: str | None) -> None: ...
     def unload_adapter(self, name: str) -> None: ...

@@ -100,9 +100,10 @@ class Denoiser:
         x = torch.cat([s.latents for s in states])
         x_in, t = model_inputs(rows, x)
         eps = self.guided_eps(x_in, t, self.conditioning(states), [s.scales for s in states])
-        x_next, _ = step_rows(rows, x, eps)
+        x_next, x0 = step_rows(rows, x, eps)
         for i, s in enumerate(states):
             s.latents = x_next[i : i + 1]
+            s.x0 = x0[i : i + 1]  # the step's clean-latent estimate (best_of's step search scores it)
         n_cfg = sum(1 for s in states if s.cfg)
         stats = StepStats(len(states), len(states) + n_cfg, time.perf_counter() - t0, self._last_adapters)
         self.last_step = stats

@@ -96,6 +96,11 @@ class SpoPipeline:
         """One UNet call over `states` (same latent size), each at its own step; advances every row."""
         return self.denoiser.denoise(states)
 
+    def images(self, latents: torch.Tensor, min_side: int | None = None) -> torch.Tensor:
+        """Latents (UNet scale) -> float32 images in [-1, 1] on the device, for a preference scorer; `min_side`:
+        decoded smaller, down to that short side (`VaeCodec.images`)."""
+        return self.codec.images(latents, min_side)
+
     def preview(self, latents: torch.Tensor) -> Image.Image:
         """A small RGB picture of a (1, C, h, w) latent, no VAE call (`VaeCodec.preview`)."""
         return self.codec.preview(latents)
@@ -218,7 +223,13 @@ class SpoPipeline:
     # -- the whole loop ----------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest | dict]) -> list[GeneratedImage]:
-        """Run `requests` in one batched loop (one UNet call per step per image size); images in order."""
+        """Run `requests` in one batched loop (one UNet call per step per image size); images in order.
+        best_of > 1 needs a preference model: it runs through the engine (`spo_runtime.engine.Engine`)."""
+        requests = [self.parse(r) for r in requests]
+        for r in requests:
+            if r.best_of > 1:
+                raise InvalidRequestError("best_of", "must be 1 here: best_of runs through the engine "
+                                                     "(spo_runtime.engine.Engine, with a preference scorer)")
         states = self.prepare(requests)
         results: list[GeneratedImage | None] = [None] * len(states)
         groups: dict[tuple[int, int], list[int]] = {}

@@ -116,6 +116,19 @@ class VaeCodec:
                 out.append(Image.fromarray(arr[i]))
         return out
 
+    @torch.inference_mode()
+    def images(self, latents: torch.Tensor, min_side: int | None = None) -> torch.Tensor:
+        """(N, C, h, w) latents in the UNet's scale -> (N, 3, H, W) float32 images in [-1, 1] on the device, in one
+        VAE call of the uncompiled decoder (its sizes vary). `min_side`: decode smaller, for a scorer that looks at
+        `min_side` pixels: the latent area-averaged by the largest power of two that keeps the image's short side
+        >= min_side (an SPM, 224 pixels, sees a 1024x1024 image decoded at 256x256: 1/16 of the decoder's work)."""
+        f, short = 1, min(latents.shape[-2:])
+        while min_side and short % (2 * f) == 0 and short // (2 * f) * self.downscale >= min_side:
+            f *= 2
+        z = torch.nn.functional.avg_pool2d(latents.float(), f) if f > 1 else latents
+        img = self.vae.decode(from_unet(z.to(self.vae.dtype), self.vae.config), return_dict=False)[0]
+        return img.float().clamp(-1, 1)
+
     def preview(self, latents: torch.Tensor) -> Image.Image:
         """A small RGB picture of a (1, C, h, w) latent, one pixel per latent pixel, through a fixed linear
         latent-to-RGB map: no VAE call per step. The map is fitted once per loaded model (least squares
