@@ -374,6 +374,15 @@ def test_admin_state_survives_a_restart_with_two_workers(server, tmp_path):
     env["SPO_WORKERS"] = "2"
     env["SPO_DATA_DIR"] = str(tmp_path / "data")
     with Server(env, tmp_path / "restart.log") as s2:
+        # /readyz answered from one worker: the other may still be loading (and would answer 503)
+        ready: set[int] = set()
+        deadline = time.time() + 60
+        while ready != {1, 2} and time.time() < deadline:
+            body = httpx.get(s2.url + "/info", timeout=10).json()
+            if body.get("ready"):
+                ready.add(body["worker_index"])
+            time.sleep(0.05)
+        assert ready == {1, 2}, f"ready workers: {sorted(ready)}"
         r = gen(s2, prompt="a fox", seed=1, num_inference_steps=3)
         assert r.headers["x-adapter"] == "conv" and r.headers["x-lora-scale"] == "0.6"
         # without SPO_ADMIN_TOKEN, loopback is not trusted: the token is the one file both workers read
