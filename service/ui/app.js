@@ -83,7 +83,7 @@ function range(p) {
 }
 
 function applySchema() {
-  for (const name of ["seed", "num_inference_steps", "guidance_scale", "width", "height", "lora_scale", "strength"]) {
+  for (const name of ["seed", "num_inference_steps", "guidance_scale", "best_of", "width", "height", "lora_scale", "strength"]) {
     const p = prop(name);
     const el = $(name);
     if (!p) continue;
@@ -94,6 +94,7 @@ function applySchema() {
   }
   $("num_inference_steps-hint").textContent = range(prop("num_inference_steps"));
   $("guidance_scale-hint").textContent = `${range(prop("guidance_scale"))}; ≤ 1 turns guidance off`;
+  $("best_of-hint").textContent = `${range(prop("best_of"))} candidates; the preference model picks one`;
   const size = prop("width");
   if (size) $("size-hint").textContent = `Width and height: ${range(size)} px, multiples of ${size.multipleOf || 1} (this preset's range).`;
   const sched = prop("scheduler");
@@ -146,6 +147,7 @@ function body() {
   if (!$("seed-random").checked) b.seed = num("seed");
   b.num_inference_steps = num("num_inference_steps");
   b.guidance_scale = num("guidance_scale");
+  if ($("best_of").value.trim() !== "1") b.best_of = num("best_of");  // absent: one image, as before
   b.scheduler = $("scheduler").value;
   for (const side of ["width", "height"]) if ($(side).value.trim() !== "") b[side] = num(side);
   if ($("adapter").value) b.adapter = $("adapter").value;
@@ -165,6 +167,7 @@ function fill(req, seed) {
   $("seed").disabled = false;
   $("seed").value = seed;
   for (const id of ["num_inference_steps", "guidance_scale", "width", "height"]) $(id).value = req[id] ?? "";
+  $("best_of").value = req.best_of ?? 1;
   $("scheduler").value = req.scheduler;
   $("adapter").value = [...$("adapter").options].some((o) => o.value === (req.adapter || "")) ? (req.adapter || "") : "";
   state.loraTouched = true;
@@ -185,7 +188,7 @@ function setInitImage(url) {
 
 // -- errors ----------------------------------------------------------------------------------------
 
-const FIELD_ERRORS = ["prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler",
+const FIELD_ERRORS = ["prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "best_of", "scheduler",
   "width", "height", "adapter", "lora_scale", "init_image", "strength", "authorization"];
 
 function clearErrors() {
@@ -344,6 +347,7 @@ function addResult(req, done) {
     ["adapter", done.adapter || "none"],
     ["LoRA scale", done.lora_scale],
     ...(req.init_image ? [["strength", req.strength]] : []),
+    ...(done.best_of > 1 ? [["best of", `${done.best_of} (score ${Number(done.preference_score).toFixed(3)})`]] : []),
     ["time", `${(done.ms / 1000).toFixed(1)} s`],
   ];
   const dl = node.querySelector(".params");

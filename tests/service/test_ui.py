@@ -23,7 +23,7 @@ from server import API_TOKEN, ROOT
 pytestmark = pytest.mark.server
 TOKEN = API_TOKEN  # the standard server's (tests/server.py)
 SCREENSHOT = ROOT / "benchmarks" / "results" / "ui.png"
-CONTROLS = ["prompt", "negative_prompt", "seed", "seed-random", "num_inference_steps", "guidance_scale", "scheduler",
+CONTROLS = ["prompt", "negative_prompt", "seed", "seed-random", "num_inference_steps", "guidance_scale", "best_of", "scheduler",
             "width", "height", "adapter", "lora_scale", "init_image", "preview", "generate"]
 
 # Every control, link and button of the page without an accessible name (a <label>, aria-label or text).
@@ -120,7 +120,9 @@ def test_page_loads_open_with_the_servers_bounds_labelled_and_keyboard_reachable
     assert float(page.input_value("#lora_scale")) == info["default_lora_scale"]
     assert page.input_value("#width") == str(info["default_size"])
     assert info["preset"] in page.text_content("#server") and "running 0, waiting 0" in page.text_content("#server")
-    assert "best_of" not in props and page.query_selector("#best_of") is None  # not in the contract yet
+    best_of = props["best_of"]
+    assert page.eval_on_selector("#best_of", "e => [e.min, e.max, e.value]") == [str(best_of["minimum"]), str(best_of["maximum"]), "1"]
+    assert page.text_content("#best_of-hint").startswith(f"{best_of['minimum']}–{best_of['maximum']}")
     assert page.evaluate(UNLABELLED) == []
     # every control in the tab order
     page.focus("body")
@@ -267,3 +269,26 @@ def test_errors_show_the_field_and_message(server, page):
     # the only console errors: the browser's line for each refused request (401, 400, 400)
     assert len(page.errors) == 3 and all("Failed to load resource" in e for e in page.errors), page.errors
     assert engine(server)["running"] == 0
+
+
+def test_best_of_is_sent_and_its_score_shown(server, page):
+    set_token(page)
+    page.fill("#seed", "3")
+    page.fill("#num_inference_steps", "2")
+    page.fill("#best_of", "2")
+    with page.expect_request(lambda r: r.url.endswith("/generate/stream")) as sent:
+        page.click("#generate")
+    body = sent.value.post_data_json
+    assert body["best_of"] == 2 and body["seed"] == 3
+    page.wait_for_selector("#gallery li")
+    params = page.text_content("#gallery li .params")
+    shown = re.search(r"best of\s*2 \(score (-?\d+\.\d{3})\)", params)
+    assert shown, params
+    # the server's answer to the same body names the same candidate count and a score
+    direct = httpx.post(server.url + "/generate", json={k: v for k, v in body.items() if k != "preview"},
+                        headers={"authorization": f"Bearer {TOKEN}"}, timeout=120)
+    assert direct.status_code == 200 and direct.headers["x-best-of"] == "2", direct.text
+    # the same candidates' score (within the page's 3 decimals; another batch may move the last bits)
+    assert abs(float(direct.headers["x-preference-score"]) - float(shown.group(1))) <= 2e-3, (direct.headers, params)
+    page.fill("#best_of", "1")
+    assert page.errors == []
