@@ -298,18 +298,23 @@ class Engine:
                 self._fail_all(EngineUnavailableError(f"engine failed: {type(e).__name__}: {e}"))
 
     def _boundary(self) -> bool:
-        """A step boundary: wait while idle, then run the queued admin calls and the hooks. False: stop."""
+        """A step boundary: wait while idle, then run the hooks and the queued admin calls. False: stop.
+
+        The hooks first: the admin-state sync then reads every recorded change (its own worker's last one
+        included) before this worker applies the next; the other way round, a record that landed after the
+        last poll (the engine idled) undid a change just applied (an adapter unloaded here came back from
+        the older record until the next one was read)."""
         with self._cv:
             if not (self._stop or self.scheduler.has_work or self._calls):
                 self._cv.wait(timeout=1.0)  # idle: the hooks still run about once a second
             if self._stop:
                 return False
-        self._run_calls()
         for hook in self._boundary_hooks:
             try:
                 hook()
             except Exception:
                 log.exception("boundary hook failed")
+        self._run_calls()
         return True
 
     def _run_calls(self) -> None:

@@ -404,3 +404,20 @@ def test_admin_state_survives_a_restart_with_two_workers(server, tmp_path):
         m = s2.metrics()
         assert m["spo_default_lora_scale"] == 0.2
         assert sum(v for k, v in m.items() if k.startswith("spo_images_total")) >= 5  # summed over both workers
+
+
+def test_an_unloaded_adapter_stays_unloaded(server):
+    """An unload answered 200 holds from then on: the admin-state sync does not bring the adapter back from
+    the record of its load (it did for up to a second when the engine had not polled since that record)."""
+    for _ in range(2):
+        r = httpx.post(server.url + "/admin/adapters/load", json={"name": "flicker", "file": "sub/conv.safetensors"},
+                       headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        # at once, while the idle engine has not polled since the load's record landed
+        r = httpx.post(server.url + "/admin/adapters/unload", json={"name": "flicker"}, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        seen = []
+        for _ in range(15):
+            seen.append([a["name"] for a in httpx.get(server.url + "/admin/adapters", headers=AUTH, timeout=10).json()["adapters"]])
+            time.sleep(0.1)
+        assert all("flicker" not in names for names in seen), seen
