@@ -30,7 +30,7 @@ async def info(request: Request) -> Response:
     own = {"pid": os.getpid()} if authed else {}
     if svc is None or svc.pipe is None:
         failure = svc.failure if svc else None
-        return JSONResponse({"ready": False, "failure": failure if authed else reason_code(failure),
+        return JSONResponse({"ready": False, "failure": failure if authed else context.reason_code(failure),
                              "version": __version__, "worker_index": worker_index(), **own})
     body = svc.pipe.info(show_paths=authed)
     reports = await anyio.to_thread.run_sync(svc.sync.workers) if svc.sync else []
@@ -39,12 +39,6 @@ async def info(request: Request) -> Response:
                  "workers": workers if authed else [public_worker(w) for w in workers], "worker_index": worker_index(),
                  **own, "uptime_s": round(time.time() - svc.started, 1)})
     return JSONResponse(body)
-
-
-def reason_code(failure: str | None) -> str | None:
-    """Why the model failed to load, for callers without the admin token: the exception's type only
-    (its message may hold paths, hub ids or host names; the admin sees it whole)."""
-    return None if failure is None else failure.split(":", 1)[0].strip() or "load_failed"
 
 
 def public_worker(w: dict) -> dict:

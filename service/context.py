@@ -108,6 +108,12 @@ def credentials_ok(svc: Service, headers: Mapping[str, str], *, admin: bool = Fa
 # -- whether it can take a request now ------------------------------------------------------------
 
 
+def reason_code(failure: str | None) -> str | None:
+    """Why the model failed to load, for callers without the admin token: the exception's type only
+    (its message may hold paths, hub ids or host names; the admin sees it whole)."""
+    return None if failure is None else failure.split(":", 1)[0].strip() or "load_failed"
+
+
 def unavailable(svc: Service | None) -> EngineUnavailableError:
     """Why the service cannot take a request, with the Retry-After that reason deserves."""
     if svc is None:
@@ -117,13 +123,11 @@ def unavailable(svc: Service | None) -> EngineUnavailableError:
                                       retry_after=1)
     if svc.engine is not None and not svc.engine.alive:
         # the exception's type only: its text may hold paths (the server log and /info with the admin token have it)
-        died = (svc.engine.died or "").split(":", 1)[0].strip() or "unknown"
-        return EngineUnavailableError(f"the engine thread died ({died}); the server must be restarted",
+        return EngineUnavailableError(f"the engine thread died ({svc.engine.died_type}); the server must be restarted",
                                       retry_after=30)
     if svc.failure:
-        failed = svc.failure.split(":", 1)[0].strip() or "load_failed"
-        return EngineUnavailableError(f"the model failed to load ({failed}); the server log and /info with the "
-                                      "admin token say why", retry_after=30)
+        return EngineUnavailableError(f"the model failed to load ({reason_code(svc.failure)}); the server log and "
+                                      "/info with the admin token say why", retry_after=30)
     return EngineUnavailableError("the model is still loading", retry_after=5)
 
 

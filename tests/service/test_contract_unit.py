@@ -157,6 +157,9 @@ def test_not_ready_answers_name_the_failures_type_only():
     svc = SimpleNamespace(draining=None, engine=None, failure="OSError: [Errno 2] /srv/secret/unet missing", ready=False)
     e = context.not_ready(svc)
     assert e.retry_after == 30 and "OSError" in str(e) and "/srv/secret" not in str(e), str(e)
-    svc.failure, svc.engine = None, SimpleNamespace(alive=False, died="RuntimeError: /srv/secret/x.safetensors")
+    from spo_runtime.engine.engine import Engine
+
+    died = "RuntimeError: /srv/secret/x.safetensors"  # the engine's own died_type, on an engine that died so
+    svc.failure, svc.engine = None, SimpleNamespace(alive=False, died=died, died_type=Engine.died_type.fget(SimpleNamespace(died=died)))
     e = context.not_ready(svc)
     assert "engine thread died (RuntimeError)" in str(e) and "/srv/secret" not in str(e), str(e)
