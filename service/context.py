@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Protocol
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -265,6 +266,25 @@ def job_id(request: Request) -> str:
     if not value:
         raise InvalidRequestError("job_id", "query parameter required")
     return value
+
+
+async def cancel_job(svc: Service, request: Request, kind: str) -> dict:
+    """POST /train/cancel, /eval/cancel: the body's job (of this kind, else 404) canceled; its record."""
+    from service.schemas import JobBody
+
+    job = (await body(request, JobBody)).job_id
+    await anyio.to_thread.run_sync(svc.jobs.read, job, kind)
+    return await anyio.to_thread.run_sync(svc.jobs.cancel, job)
+
+
+async def resume_job(svc: Service, request: Request, kind: str) -> dict:
+    """POST /train/resume, /eval/resume: the body's failed, canceled or interrupted job (of this kind)
+    queued again, within SPO_MAX_QUEUED_JOBS; its record."""
+    from service.schemas import JobBody
+
+    job = (await body(request, JobBody)).job_id
+    await anyio.to_thread.run_sync(svc.jobs.read, job, kind)
+    return await anyio.to_thread.run_sync(lambda: svc.jobs.resume(job, max_queued=svc.settings.max_queued_jobs))
 
 
 # -- running requests ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from service import context
 from service.context import ADMIN, Service, guarded
 from service.errors import Conflict
-from service.schemas import EvalEntryBody, EvalSubmitBody, JobBody
+from service.schemas import EvalEntryBody, EvalSubmitBody
 from spo_runtime.errors import InvalidRequestError
 from spo_runtime.limits import EVAL_MAX_ADAPTERS, EVAL_MAX_PROMPTS, LORA_SCALE_RANGE
 
@@ -125,17 +125,13 @@ async def eval_sheet(svc: Service, request: Request) -> Response:
 
 @guarded(ADMIN)
 async def eval_cancel(svc: Service, request: Request) -> Response:
-    body = await context.body(request, JobBody)
-    await anyio.to_thread.run_sync(svc.jobs.read, body.job_id, "eval")
-    return JSONResponse(await anyio.to_thread.run_sync(svc.jobs.cancel, body.job_id))
+    return JSONResponse(await context.cancel_job(svc, request, "eval"))
 
 
 @guarded(ADMIN)
 async def eval_resume(svc: Service, request: Request) -> Response:
     """Queue a failed, canceled or interrupted evaluation again: it goes on from its last batch."""
-    body = await context.body(request, JobBody)
-    await anyio.to_thread.run_sync(svc.jobs.read, body.job_id, "eval")
-    return JSONResponse(await anyio.to_thread.run_sync(lambda: svc.jobs.resume(body.job_id, max_queued=svc.settings.max_queued_jobs)))
+    return JSONResponse(await context.resume_job(svc, request, "eval"))
 
 
 @guarded(ADMIN)

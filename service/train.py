@@ -16,7 +16,7 @@ from starlette.routing import Route
 from service import context
 from service.context import ADMIN, Service, guarded
 from service.errors import Conflict
-from service.schemas import JobBody, TrainSubmitBody, check_adapter_name
+from service.schemas import TrainSubmitBody, check_adapter_name
 from spo_runtime.errors import InvalidRequestError
 
 
@@ -108,18 +108,13 @@ async def train_get(svc: Service, request: Request) -> Response:
 
 @guarded(ADMIN)
 async def train_cancel(svc: Service, request: Request) -> Response:
-    body = await context.body(request, JobBody)
-    await anyio.to_thread.run_sync(svc.jobs.read, body.job_id, "train")
-    return JSONResponse(_public(await anyio.to_thread.run_sync(svc.jobs.cancel, body.job_id)))
+    return JSONResponse(_public(await context.cancel_job(svc, request, "train")))
 
 
 @guarded(ADMIN)
 async def train_resume(svc: Service, request: Request) -> Response:
     """Queue a failed, canceled or interrupted job again: it resumes from its last checkpoint."""
-    body = await context.body(request, JobBody)
-    await anyio.to_thread.run_sync(svc.jobs.read, body.job_id, "train")
-    rec = await anyio.to_thread.run_sync(lambda: svc.jobs.resume(body.job_id, max_queued=svc.settings.max_queued_jobs))
-    return JSONResponse(_public(rec))
+    return JSONResponse(_public(await context.resume_job(svc, request, "train")))
 
 
 @guarded(ADMIN)
