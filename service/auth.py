@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 
 from service.errors import error_response
 from spo_runtime.errors import ConfigError
-from spo_runtime.fsutil import fsync_dir
+from spo_runtime.fsutil import write_new
 
 log = logging.getLogger("spo_serve")
 TOKEN_FILE = "admin_token"
@@ -73,24 +73,16 @@ def _open_token(path: Path) -> int:
 
 
 def _create_token(path: Path) -> None:
-    """A new random token at `path`, unless another worker's appears there first."""
+    """A new random token at `path`, unless another worker's appears there first: `write_new` writes a temp
+    file of a random name (O_EXCL|O_NOFOLLOW, mode 0600), fsyncs it, hard-links it into place (atomic and
+    exclusive: of two workers starting together, one wins) and fsyncs the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{TOKEN_FILE}.{secrets.token_hex(8)}.tmp")  # a name no one can plant in advance
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # atomic and exclusive: of two workers starting together, one wins
-            log.warning("admin token: created %s (mode 0600); send it as 'Authorization: Bearer ...' "
-                        "to /admin/* and /train/*, or set SPO_ADMIN_TOKEN", path)
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+        write_new(path, (secrets.token_urlsafe(32) + "\n").encode())
+    except FileExistsError:
+        return
+    log.warning("admin token: created %s (mode 0600); send it as 'Authorization: Bearer ...' "
+                "to /admin/* and /train/*, or set SPO_ADMIN_TOKEN", path)
 
 
 def denied(field: str, what: str) -> JSONResponse:
