@@ -35,20 +35,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cpu import ForeignCpu  # noqa: E402
-from report import dumps, machine, rounded  # noqa: E402
+from report import dumps, machine, rounded, timings  # noqa: E402
 
 WORDS = ("fox owl cat dog castle river forest dragon robot knight city ocean garden moon train boat "
          "wizard lake bird horse tree flower cloud star").split()
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def cpu_note(acc: ForeignCpu) -> dict:
@@ -100,7 +90,7 @@ def blocking(pipe, scorer, steps: int, size: int, repeats: int) -> dict:
             images = pipe.images(x0, side)
             scorer(images, [s.request.prompt for s in states], torch.full((rows,), 500.0)).cpu()
 
-        u, b = statistics.median(timed(unet, repeats)), statistics.median(timed(branch, repeats))
+        u, b = statistics.median(timings(unet, repeats)), statistics.median(timings(branch, repeats))
         out[f"rows_{rows}"] = {"unet_call_s": u, "branch_scoring_s": b, "branch_over_unet": b / u}
     out["branch_4_rows_over_unet_8_rows"] = out["rows_4"]["branch_scoring_s"] / out["rows_8"]["unet_call_s"]
     return {**out, **cpu_note(acc)}

@@ -14,12 +14,24 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 from typing import Iterable
 
 PER_REQUEST_KEYS = ("records", "window_requests", "window_latencies", "engine_latencies")
 DISCARDED_KEYS = ("img_per_s", "p50_s", "p95_s", "ratio_mean", "errors_total", "other_cpu_s", "other_cpu_share")
 MAX_ERROR_SAMPLES = 3
+
+
+def timings(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`, after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def pct(values: list[float], q: float) -> float | None:
