@@ -101,6 +101,41 @@ def darkening_adapter(path) -> str:
     return save_lora_file(path, {"conv_out": LoraModuleWeights("conv_out", down, up, 1.0)}, "diffusers")
 
 
+KOHYA_TE_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def kohya_text_encoder_lora(text_encoders: dict, leaves=KOHYA_TE_ATTENTION, rank: int = 2, alpha: float = 1.0,
+                            seed: int = 25) -> tuple[dict, dict]:
+    """Random LoRA weights for the `leaves` layers of both text encoders under the names kohya's SDXL trainer
+    writes (`lora_te1_text_model_encoder_layers_N_self_attn_q_proj.lora_down.weight`, `lora_te2_...`, each
+    with `.alpha`): ({key: tensor}, {module as spo_runtime names it: alpha / rank * up @ down, float64})."""
+    from spo_runtime.lora.format import module_specs
+
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    for part, kohya in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        for path, spec in module_specs(text_encoders[part]).items():
+            if not path.endswith(tuple("." + leaf for leaf in leaves)):
+                continue
+            base = kohya + (path if path.startswith("text_model.") else "text_model." + path).replace(".", "_")
+            down = torch.randn(rank, spec.in_features, generator=g) / spec.in_features**0.5
+            up = torch.randn(spec.out_features, rank, generator=g) * (1.5 / rank**0.5)
+            sd.update({f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up,
+                       f"{base}.alpha": torch.tensor(alpha)})
+            deltas[f"{part}.{path}"] = alpha / rank * (up.double() @ down.double())
+    return sd, deltas
+
+
+def reported_lora(tiny_dir, text_encoders: dict) -> tuple[dict, dict]:
+    """The file of the report behind issue 25 (refused, while diffusers loads it): the tiny model's webui LoRA
+    (`lora_unet_*`) plus kohya q/k/v/out keys of both text encoders, each with `.alpha`: (state dict, the
+    text-encoder layers' deltas as in `kohya_text_encoder_lora`)."""
+    import safetensors.torch
+
+    te, deltas = kohya_text_encoder_lora(text_encoders)
+    return {**safetensors.torch.load_file(tiny_dir / "spo_tiny_lora_webui.safetensors"), **te}, deltas
+
+
 def wait_until(predicate, timeout: float = 30.0, every: float = 0.05):
     """Poll `predicate` until it returns something true, and return that; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
