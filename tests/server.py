@@ -201,8 +201,8 @@ def adapter_dir(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def standard_server(adapter_dir, tmp_path_factory):
-    """The server of the HTTP tests whose configurations agree (tests/service/: test_service, test_openai,
-    test_a1111, test_stream, test_contract, and test_train_service's first test): the tiny preset with
+    """The server of the HTTP tests whose configurations agree (tests/service/: test_service, test_adapter_files,
+    test_openai, test_a1111, test_stream, test_contract, and test_train_service's first test): the tiny preset with
     SPO_ADMIN_TOKEN (ADMIN_TOKEN) and SPO_API_TOKEN (API_TOKEN: generation routes need it), the adapter_dir
     above, at most 16 waiting images and batches of 8, one torch thread (a training job it runs, and the
     test client, keep a core). `.data` is its SPO_DATA_DIR. Configurations that differ (faults, drain,
