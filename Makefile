@@ -100,21 +100,22 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 # Debian tools the deployment tests use: kubectl (Debian's package is kubernetes-client) for
-# tests/test_deploy.py, prometheus and promtool for tests/test_prometheus.py, chromium for tests/test_ui.py
-# (Playwright drives Debian's browser; Playwright's own browser download is not used). `make test` calls this target: it
-# installs only what is missing, says so first (as root, or through sudo), and on a machine without apt-get it
-# installs nothing and says which tests will skip (CI installs them and runs those tests).
+# tests/deploy/test_deploy.py, prometheus and promtool for tests/deploy/test_prometheus.py, chromium for
+# tests/service/test_ui.py (Playwright, pinned in requirements-dev.txt, drives Debian's browser; Playwright's own
+# browser download is not used). `make test` calls this target: it installs only what is missing, says so first
+# (as root, or through sudo), and on a machine without apt-get it installs nothing and says which tests will skip
+# (CI installs them and runs those tests).
 SYSTEM_TOOLS := kubectl=kubernetes-client prometheus=prometheus promtool=prometheus chromium=chromium
 .PHONY: deps-system prometheus-check
 deps-system:
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%=*} >/dev/null || echo $${t#*=}; done | sort -u | tr '\n' ' '); missing=$$(echo $$missing); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null; then \
-		echo "deps-system: no apt-get here: not installing $$missing; tests/test_deploy.py, tests/test_prometheus.py and tests/test_ui.py will skip"; \
+		echo "deps-system: no apt-get here: not installing $$missing; tests/deploy/test_deploy.py, tests/deploy/test_prometheus.py and tests/service/test_ui.py will skip"; \
 		exit 0; \
 	fi; \
 	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	echo "deps-system: installing the Debian packages $$missing (for tests/test_deploy.py, tests/test_prometheus.py, tests/test_ui.py): $$sudo apt-get install $$missing"; \
+	echo "deps-system: installing the Debian packages $$missing (for tests/deploy/test_deploy.py, tests/deploy/test_prometheus.py, tests/service/test_ui.py): $$sudo apt-get install $$missing"; \
 	$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing
 
 # The Prometheus files alone (no server): promtool on the rules, their unit tests and the one-machine config.

@@ -13,6 +13,8 @@ const state = {
   initImage: null,   // a data: URL
   runs: new Set(),   // running requests, each {ctrl, node}
   count: 0,
+  sized: false,      // the preset's default size put in the form (once)
+  loraTouched: false,
 };
 
 // -- calls --------------------------------------------------------------------------------------
@@ -117,7 +119,10 @@ function applyInfo(info) {
     ...(info.adapters || []).map((a) => new Option(`${a.name} (rank ${a.rank})`, a.name)));
   select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
   if (!state.loraTouched) setRange("lora_scale", info.default_lora_scale);
-  for (const side of ["width", "height"]) if ($(side).value === "") $(side).value = info.default_size;
+  // the preset's size once, at the first answer: a size emptied later stays empty (the preset's default,
+  // or an init image's own size), whatever /info says after each result
+  if (!state.sized) for (const side of ["width", "height"]) if ($(side).value === "") $(side).value = info.default_size;
+  state.sized = true;
 }
 
 async function refreshInfo() {
