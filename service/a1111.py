@@ -67,6 +67,14 @@ def unauthorized() -> JSONResponse:
 GUARD = Shape(unauthorized=unauthorized, error=ERRORS.from_exception, basic=True, retry_after=5)
 
 
+def interrupt_unauthorized() -> JSONResponse:
+    return JSONResponse({"detail": "interrupt needs the admin token (Authorization: Bearer <SPO_ADMIN_TOKEN>)"},
+                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+INTERRUPT = Shape(unauthorized=interrupt_unauthorized, error=ERRORS.from_exception, admin=True)  # the admin's
+
+
 # -- the request ------------------------------------------------------------------------------------
 
 
@@ -425,8 +433,7 @@ async def interrupt(request: Request) -> Response:
     if svc is None or svc.engine is None:
         return a1_error(503, "the server is starting", headers={"Retry-After": "5"})
     if not context.credentials_ok(svc, request.headers, admin=True):
-        return JSONResponse({"detail": "interrupt needs the admin token (Authorization: Bearer <SPO_ADMIN_TOKEN>)"},
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return interrupt_unauthorized()
     o = _oldest(svc.engine)
     if o is not None:
         o["sub"].cancel()  # leaves the batch at the next step boundary; its caller gets a 499

@@ -8,6 +8,7 @@ from starlette.applications import Starlette
 
 from service import a1111, admin, openai_api, stream, train, ui
 from service import eval as evaluation  # not to shadow the builtin
+from service.context import ADMIN, Shape
 from service.errors import ForeignShape
 
 ROUTES = [
@@ -19,6 +20,10 @@ ROUTES = [
     *a1111.ROUTES,  # /sdapi/v1/*: the AUTOMATIC1111 API
     *ui.ROUTES,  # /ui: the playground page
 ]
+# the credential each POST route needs, by path prefix (the longest applies), which the door checks before it
+# reads a body: a caller without it never has a body read (the routes check it again)
+GUARDS: dict[str, Shape] = {"/v1/": openai_api.GUARD, "/sdapi/v1/": a1111.GUARD, "/sdapi/v1/interrupt": a1111.INTERRUPT,
+                            "/admin/": ADMIN, "/train/": ADMIN, "/eval/": ADMIN}
 ERROR_SHAPES: dict[str, ForeignShape] = {shape.prefix: shape for shape in (openai_api.ERRORS, a1111.ERRORS)}
 # the body limits of the compatibility routes (the door's; other routes: door.DEFAULT_BODY_LIMIT): their JSON
 # bodies have our generation limit, those that carry images SPO_MAX_IMAGE_BYTES

@@ -158,6 +158,18 @@ class Shape:
 ADMIN = Shape(unauthorized=auth.admin_unauthorized, error=map_error, admin=True)  # /admin/*, /train/*, /eval/*
 
 
+def door_check(shape: Shape) -> Callable[[Mapping[str, str]], Response | None]:
+    """The door's check for the routes `shape` guards: `guarded`'s credential rule, applied before the body is
+    read (None lets the caller in; else `shape.unauthorized()`). The route checks again, as it must anyway."""
+
+    def check(headers: Mapping[str, str]) -> Response | None:
+        svc = bound()
+        ok = svc is None or credentials_ok(svc, headers, admin=shape.admin, basic=shape.basic)
+        return None if ok else shape.unauthorized()
+
+    return check
+
+
 def guarded(shape: Shape, ready: bool = True):
     """Route decorator: `handler(svc, request)` runs only for a caller with credentials (`shape.unauthorized()`
     otherwise) and, with `ready`, when the service can take the request; any exception it raises, typed

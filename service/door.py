@@ -1,5 +1,5 @@
 """The door: the outermost ASGI middleware, which keeps the HTTP contract before any route runs (body
-size, media type, the generation routes' schema, the generation credential) and rewrites every error the
+size, media type, the generation routes' schema, every route's credential before its body is read) and rewrites every error the
 framework answers by itself into the one error body, or the path's foreign API's shape.
 
 A generation body is validated once, here, and handed on parsed: the route reads it with `parsed(scope)`.
@@ -42,7 +42,9 @@ class Contract:
     """Outermost middleware. For every POST: read the body here, whatever its framing (Content-Length or
     chunked), and refuse it past the route's limit (`limits`, else `default_limit`) with a 400 naming `body`
     (the status this API has always given) in the route's API shape; the route reads the body read here.
-    For the generation routes (`models`): check the caller (`guard`), refuse bodies that are not JSON (415)
+    Before reading it, check the caller (`guards`: path prefix -> headers -> None or the refusal; the longest
+    prefix of the path applies), so a caller without credentials never gets a body read, on any route.
+    For the generation routes (`models`): refuse bodies that are not JSON (415)
     and validate the JSON against the route's model, answering our 400 naming the field; the framework's
     own validation then never sees a bad body, and the route gets the parsed model (`parsed`); validating runs
     in a worker thread, since it decodes an init_image (bounded from its header first). For every
@@ -52,12 +54,14 @@ class Contract:
 
     def __init__(self, app, models: dict[str, type[BaseModel]] | None = None,
                  limits: dict[str, int] | None = None, default_limit: int = DEFAULT_BODY_LIMIT,
-                 docs: Callable[[dict], dict] | None = None, guard: Callable[[Headers], Response | None] | None = None,
+                 docs: Callable[[dict], dict] | None = None,
+                 guards: Mapping[str, Callable[[Headers], Response | None]] | None = None,
                  image_limit: int | None = None, shapes: Mapping[str, ForeignShape] | None = None):
         self.app = app
         self.docs = docs
         self.image_limit = image_limit  # generation bodies that carry init_image may be this large
-        self.guard = guard  # headers -> None (let in) or the answer (401) for the generation routes
+        # path prefix -> (headers -> None (let in) or the answer, a 401 in the route's API shape), longest first
+        self.guards = sorted((guards or {}).items(), key=lambda kv: -len(kv[0]))
         self.models = models or {}
         self.limits = limits if limits is not None else {path: GENERATION_BODY_LIMIT for path in self.models}
         self.default_limit = default_limit
@@ -80,11 +84,12 @@ class Contract:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             return await _refuse(send, 400, f"body: must be at most {limit} bytes, got {int(length)}", "body")
+        guard = next((check for prefix, check in self.guards if path.startswith(prefix)), None)
+        refusal = guard(headers) if guard is not None else None
+        if refusal is not None:
+            return await refusal(scope, receive, send)
         model = self.models.get(path)
         if model is not None:
-            refusal = self.guard(headers) if self.guard is not None else None
-            if refusal is not None:
-                return await refusal(scope, receive, send)
             media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
             if media not in ("application/json", ""):
                 return await _refuse(send, 415, f"content-type: must be application/json, got {media!r}",

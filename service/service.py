@@ -26,7 +26,7 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 from service import context, door, paths, workers
-from service.app import ERROR_SHAPES, IMAGE_ROUTES, JSON_ROUTES, app
+from service.app import ERROR_SHAPES, GUARDS, IMAGE_ROUTES, JSON_ROUTES, app
 from service.auth import admin_token, api_unauthorized
 from service.errors import map_error
 from service.schemas import (BatchResponse, core_request, declare_responses, framework_spec, generation_bodies,
@@ -279,7 +279,8 @@ def _generation_guard(headers) -> Response | None:
 SPOService = bentoml.asgi_app(app, path="/")(SPOService)
 MODELS = {"/generate": BODIES.generate, "/generate_batch": BODIES.batch, "/generate/stream": BODIES.stream}
 SPOService.add_asgi_middleware(
-    door.Contract, models=MODELS, guard=_generation_guard, image_limit=SETTINGS.max_image_bytes, shapes=ERROR_SHAPES,
+    door.Contract, models=MODELS, image_limit=SETTINGS.max_image_bytes, shapes=ERROR_SHAPES,
+    guards={**dict.fromkeys(MODELS, _generation_guard), **{p: context.door_check(g) for p, g in GUARDS.items()}},
     limits={**dict.fromkeys([*MODELS, *JSON_ROUTES], door.GENERATION_BODY_LIMIT),
             **dict.fromkeys(IMAGE_ROUTES, SETTINGS.max_image_bytes)},
     docs=functools.partial(declare_responses, routes={"/generate": (list(FORMATS.values()), None),

@@ -163,3 +163,34 @@ def test_not_ready_answers_name_the_failures_type_only():
     svc.failure, svc.engine = None, SimpleNamespace(alive=False, died=died, died_type=Engine.died_type.fget(SimpleNamespace(died=died)))
     e = context.not_ready(svc)
     assert "engine thread died (RuntimeError)" in str(e) and "/srv/secret" not in str(e), str(e)
+
+
+def test_the_guard_of_the_longest_prefix_refuses_before_the_body_is_read():
+    import anyio
+
+    def need(token):
+        return lambda h: None if h.get("authorization") == token else JSONResponse({"detail": "who"}, status_code=401)
+
+    app = Starlette(routes=[Route("/a/x", echo, methods=["POST"]), Route("/a/open", echo, methods=["POST"])])
+    door = Contract(app, guards={"/a/": need("t"), "/a/open": lambda h: None})
+
+    def call(path, headers):
+        reads, sent = [], []
+
+        async def receive():
+            reads.append(path)
+            return {"type": "http.request", "body": b'{"k": 1}', "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(k.encode(), v.encode()) for k, v in headers.items()], "scheme": "http",
+                 "server": ("t", 80), "root_path": "", "http_version": "1.1", "client": ("c", 1)}
+        anyio.run(door, scope, receive, send)
+        return reads, sent[0]["status"]
+
+    assert call("/a/x", {}) == ([], 401)  # refused without reading the body
+    assert call("/a/x", {"authorization": "t"}) == (["/a/x"], 200)
+    assert call("/a/open", {}) == (["/a/open"], 200)  # the longer prefix lets it in
+    assert call("/b", {})[1] == 404  # no guard: read and routed

@@ -320,3 +320,40 @@ def test_admission_counts_cost_not_images(server):
     assert "SPO_MAX_QUEUE_COST" in r.text
     small = {"prompt": "a fox", "n": 2, "num_inference_steps": 2}
     assert httpx.post(server.url + "/generate_batch", json=small, headers=bearer(), timeout=120).status_code == 200
+
+
+@pytest.mark.parametrize("path,token,status,shape", [
+    ("/v1/images/edits", None, 401, "error"),  # OpenAI's shape
+    ("/v1/images/generations", "wrong-token-0123456", 401, "error"),
+    ("/sdapi/v1/img2img", None, 401, "detail"),  # A1111's
+    ("/sdapi/v1/interrupt", API, 401, "detail"),  # the admin's route: the API token is not enough
+    ("/admin/adapters/load", API, 401, "error"),
+    ("/train/submit", None, 401, "error"),
+    ("/eval/submit", API, 401, "error"),
+    ("/generate", None, 401, "error"),
+])
+def test_a_caller_without_credentials_is_refused_before_the_body_is_sent(server, path, token, status, shape):
+    """The headers announce a body within every route's limit (60 KB) that never comes: the answer is the 401 at
+    once, in the route's API shape, without waiting for (or reading) a byte of it. A door that read first would
+    wait for the body."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {60 * 1024}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        sock.settimeout(5)
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                more = sock.recv(65536)
+                if not more:
+                    break
+                answer += more
+        except socket.timeout:
+            pytest.fail(f"{path}: no answer within 5 s to headers without credentials; got {answer[:200]!r}")
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == str(status).encode(), answer[:300]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2]).get(shape), answer[:300]
