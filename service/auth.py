@@ -48,14 +48,41 @@ def admin_token(token: str | None, data_dir: str | os.PathLike) -> str:
         fd = _open_token(path)
     else:
         log.info("admin token: read from %s", path)
+    return _read_token(fd, path)
+
+
+def check_token_file(token: str | None, data_dir: str | os.PathLike) -> None:
+    """At start, in the process that runs `bentoml serve` too: the ConfigError `admin_token` would raise in
+    every worker for a token file that exists but is refused (a link, not a regular file, not one token),
+    raised here once instead (workers that fail at start are restarted by BentoML, forever). A missing file
+    is left for the first worker to create."""
+    if token:
+        return
+    path = Path(data_dir) / TOKEN_FILE
+    try:
+        fd = _open_token(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError("SPO_ADMIN_TOKEN", f"{path} cannot be read ({e.strerror}); fix it, delete it or set "
+                                             "SPO_ADMIN_TOKEN") from None
+    _read_token(fd, path)
+
+
+def _read_token(fd: int, path: Path) -> str:
+    """The token in the open file `fd` (closed here), or ConfigError naming SPO_ADMIN_TOKEN and the path."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # before fdopen, which refuses a directory with its own error
+        os.close(fd)
+        raise ConfigError("SPO_ADMIN_TOKEN", f"{path} must be a regular file")
     with os.fdopen(fd) as fh:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError("SPO_ADMIN_TOKEN", f"{path} must be a regular file")
         if st.st_mode & 0o077:
             os.fchmod(fd, 0o600)
             log.warning("admin token: %s was readable by others; its mode is now 0600", path)
-        value = fh.read().strip()
+        try:
+            value = fh.read().strip()
+        except (UnicodeDecodeError, OSError):
+            value = ""
     if len(value) < MIN_TOKEN_CHARS or any(c.isspace() for c in value):
         raise ConfigError("SPO_ADMIN_TOKEN", f"{path} must hold one token of at least {MIN_TOKEN_CHARS} characters "
                                              "on one line (delete it to have a new one made, or set SPO_ADMIN_TOKEN)")

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from service import context, door, paths, workers
 from service.app import ERROR_SHAPES, GUARDS, IMAGE_ROUTES, JSON_ROUTES, app
-from service.auth import admin_token, api_unauthorized
+from service.auth import admin_token, api_unauthorized, check_token_file
 from service.errors import map_error
 from service.schemas import (BatchResponse, core_request, declare_responses, framework_spec, generation_bodies,
                              result_headers)
@@ -39,9 +39,12 @@ log = logging.getLogger("spo_serve")
 
 
 def _settings() -> Settings:
-    """SPO_* once, at import (the CLI process and every worker): a bad variable is one line and exit 2."""
+    """SPO_* once, at import (the CLI process and every worker): a bad variable, or an admin token file that
+    exists but is refused, is one line and exit 2."""
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
+        check_token_file(settings.token("admin_token"), settings.data_dir)
+        return settings
     except ConfigError as e:
         print(f"spo-serve: configuration error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

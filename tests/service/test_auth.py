@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from service.auth import TOKEN_FILE, admin_token
+from service.auth import TOKEN_FILE, admin_token, check_token_file
 from spo_runtime.errors import ConfigError
 from spo_runtime.settings import Settings
 
@@ -84,3 +84,22 @@ def test_a_link_planted_where_the_temp_file_goes_is_never_written_through(tmp_pa
     (data / f".{TOKEN_FILE}.{os.getpid()}.tmp").symlink_to(victim)  # the name a start used to write first
     token = admin_token(None, data)
     assert victim.read_text() == "keep me\n" and (data / TOKEN_FILE).read_text() == token + "\n"
+
+
+def test_the_start_check_refuses_what_the_workers_would_and_creates_nothing(tmp_path):
+    path = tmp_path / TOKEN_FILE
+    check_token_file(None, tmp_path)  # missing: the first worker makes it
+    assert not path.exists()
+    for damage in (lambda: path.write_text("short\n"), lambda: path.symlink_to(tmp_path / "elsewhere"),
+                   lambda: path.mkdir(), lambda: path.write_bytes(b"\xff\xfe" * 20)):
+        damage()
+        with pytest.raises(ConfigError) as e:
+            check_token_file(None, tmp_path)
+        assert str(e.value).startswith(f"SPO_ADMIN_TOKEN: {path}"), e.value
+        with pytest.raises(ConfigError):  # the same verdict as the workers'
+            admin_token(None, tmp_path)
+        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+    check_token_file("x" * 16, tmp_path)  # SPO_ADMIN_TOKEN set: the file is not read
+    path.write_text("t" * 20 + "\n")
+    check_token_file(None, tmp_path)
+    assert admin_token(None, tmp_path) == "t" * 20

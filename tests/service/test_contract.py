@@ -193,6 +193,23 @@ def test_server_exits_at_start_with_one_line_naming_the_variable(tmp_path):
     assert time.time() - t0 < 120
 
 
+def test_a_damaged_admin_token_file_is_one_line_and_exit_2(tmp_path):
+    """Refused in every worker, it used to restart them forever, a traceback each time."""
+    bentoml = Path(sys.executable).with_name("bentoml")
+    (tmp_path / "admin_token").write_text("too short\n")
+    (tmp_path / "admin_token").chmod(0o600)
+    env = {**os.environ, "SPO_MODEL": "tiny", "BENTOML_DO_NOT_TRACK": "true", "SPO_DATA_DIR": str(tmp_path)}
+    env.pop("SPO_ADMIN_TOKEN", None)
+    proc = subprocess.run([str(bentoml), "serve", "service.service:SPOService", "--port", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "SPO_ADMIN_TOKEN" in ln]
+    assert lines == [f"spo-serve: configuration error: SPO_ADMIN_TOKEN: {tmp_path / 'admin_token'} must hold one token "
+                     "of at least 16 characters on one line (delete it to have a new one made, or set "
+                     "SPO_ADMIN_TOKEN)"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and (tmp_path / "admin_token").read_text() == "too short\n"
+
+
 # -- schemathesis ----------------------------------------------------------------------------
 
 
