@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from spo_runtime.errors import InvalidRequestError
+from spo_runtime.model.vae import from_unet
 from spo_runtime.preference.scorers import PreferenceScorer
 from spo_runtime.sampling.sampler import Schedule
 from spo_runtime.training.config import TrainConfig
@@ -93,7 +94,8 @@ class BranchingRollout:
     def _score(self, x0_latents: torch.Tensor, prompts: list[str], t: float) -> torch.Tensor:
         """Preference scores of VAE-decoded latents (images in [-1, 1]) at timestep t."""
         vae = self.pipe.vae
-        img = vae.decode(x0_latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].float()
+        # the UNet's scale back to the VAE's as serving decodes (and diffusers: latents_mean/std when the VAE has them)
+        img = vae.decode(from_unet(x0_latents, vae.config).to(vae.dtype), return_dict=False)[0].float()
         ts = torch.full((len(prompts),), float(t), device=img.device)
         return self.scorer(img, prompts, ts).float().cpu()
 

@@ -241,3 +241,31 @@ def test_build_trainer_resumes_and_reads_checkpoints_of_the_old_name(tiny_dir, t
     assert all(torch.equal(a[m].up, b[m].up) and torch.equal(a[m].down, b[m].down) for m in a)
     second.train()
     assert second.round == 2
+
+
+def test_the_rollout_scores_the_image_diffusers_would_decode(pipe):
+    """With a VAE that has latents_mean/latents_std, x0 goes back to the VAE's scale as diffusers' pipelines
+    do (z * std / s + mean), not by the scaling factor alone; the scorer sees that image."""
+    from spo_runtime.training.config import TrainConfig
+    from spo_runtime.training.policy import DdimPolicy
+    from spo_runtime.training.rollout import BranchingRollout
+
+    class Seen:
+        def __call__(self, images, prompts, timesteps):
+            self.images = images.clone()
+            return images.mean(dim=(1, 2, 3))
+
+    vae, seen = pipe.vae, Seen()
+    c = vae.config.latent_channels
+    mean, std = [0.1 * (i + 1) for i in range(c)], [0.5 + 0.25 * i for i in range(c)]
+    old = (vae.config.get("latents_mean"), vae.config.get("latents_std"))
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    try:
+        z = torch.randn(2, c, 8, 8, generator=torch.Generator().manual_seed(3))
+        BranchingRollout(DdimPolicy(pipe, 2, 0.0), TrainConfig(), 0, seen)._score(z, ["a", "b"], 500.0)
+        with torch.no_grad():
+            m, sd = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+            want = vae.decode((z * sd / vae.config.scaling_factor + m).to(vae.dtype), return_dict=False)[0].float()
+        assert torch.allclose(seen.images, want, atol=1e-5), (seen.images - want).abs().max()
+    finally:
+        vae.register_to_config(latents_mean=old[0], latents_std=old[1])
