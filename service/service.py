@@ -273,17 +273,15 @@ def _scorer(settings: Settings, pipe):
     return scorer, ""
 
 
-def _generation_guard(headers) -> Response | None:
-    """At the door, for /generate, /generate_batch and /generate/stream: SPO_API_TOKEN's rule."""
-    svc = context.bound()
-    return None if svc is None or context.credentials_ok(svc, headers) else api_unauthorized()
+# /generate, /generate_batch and /generate/stream: SPO_API_TOKEN's rule, checked at the door like the other routes
+GENERATION = context.Shape(unauthorized=api_unauthorized, error=map_error)
 
 
 SPOService = bentoml.asgi_app(app, path="/")(SPOService)
 MODELS = {"/generate": BODIES.generate, "/generate_batch": BODIES.batch, "/generate/stream": BODIES.stream}
 SPOService.add_asgi_middleware(
     door.Contract, models=MODELS, image_limit=SETTINGS.max_image_bytes, shapes=ERROR_SHAPES,
-    guards={**dict.fromkeys(MODELS, _generation_guard), **{p: context.door_check(g) for p, g in GUARDS.items()}},
+    guards={p: context.door_check(g) for p, g in {**dict.fromkeys(MODELS, GENERATION), **GUARDS}.items()},
     limits={**dict.fromkeys([*MODELS, *JSON_ROUTES], door.GENERATION_BODY_LIMIT),
             **dict.fromkeys(IMAGE_ROUTES, SETTINGS.max_image_bytes)},
     docs=functools.partial(declare_responses, routes={"/generate": (list(FORMATS.values()), None),
